@@ -1,0 +1,3 @@
+from fluidity.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""What the agent's front ends (HTTP proxy, SOCKS5) need from the tunnel: open a byte stream to host:port.
+
+The front ends depend only on these two protocols, so they can be tested against a direct TCP opener
+and run in production over the multiplexed link (:mod:`fluidity.agent.tunnel`).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+
+class OpenFailure(enum.Enum):
+    """Why a stream could not be opened (or died), as the front ends need to report it."""
+
+    REFUSED = "refused"  # the target refused the TCP connection
+    DNS = "dns"  # the target's name did not resolve
+    TIMEOUT = "timeout"  # the dial timed out
+    DENIED = "denied"  # the server's egress policy forbids the target
+    LIMIT = "limit"  # a stream or connection limit was reached
+    UNREACHABLE = "unreachable"  # network or host unreachable
+    TUNNEL_DOWN = "tunnel_down"  # no link to the server within the wait time
+    LINK_LOST = "link_lost"  # the link died while the stream was open
+    RESET = "reset"  # the peer reset the stream
+    ERROR = "error"  # anything else
+
+
+class StreamOpenError(Exception):
+    """Opening a stream failed; ``failure`` says why, ``message`` is a one-line explanation."""
+
+    def __init__(self, failure: OpenFailure, message: str) -> None:
+        super().__init__(f"{failure.value}: {message}")
+        self.failure = failure
+        self.message = message
+
+
+class TunnelStream(Protocol):
+    """A bidirectional byte stream to a target, with TCP-like half-close."""
+
+    async def wait_open(self) -> None:
+        """Wait for the open result; raise :class:`StreamOpenError` if the open failed.
+
+        Data may be written before this returns (it is sent once the stream opens).
+        """
+
+    async def read(self) -> bytes:
+        """Return the next chunk of bytes (at most the stream's window), or b"" at end of stream.
+
+        Raises :class:`StreamOpenError` if the open failed or the stream was reset or lost.
+        """
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the target; follow with :meth:`drain` for backpressure."""
+
+    async def drain(self) -> None:
+        """Wait until the queued bytes are below the stream's buffer limit."""
+
+    def write_eof(self) -> None:
+        """Half-close: no more bytes will be written; reading continues."""
+
+    def close(self) -> None:
+        """Close both directions; resets the stream if it is not already finished. Idempotent."""
+
+
+class StreamOpener(Protocol):
+    """Opens :class:`TunnelStream` objects."""
+
+    async def open(self, host: str, port: int) -> TunnelStream:
+        """Start opening a stream to ``host:port``.
+
+        Returns as soon as the open request is on its way; call :meth:`TunnelStream.wait_open`
+        to learn the result. Raises :class:`StreamOpenError` (``TUNNEL_DOWN``) when no link to
+        the server becomes available in time.
+        """
+        ...
