@@ -1,4 +1,4 @@
-"""What the agent's front ends (HTTP proxy, SOCKS5) need from the tunnel: open a byte stream to host:port.
+"""What the front ends (HTTP proxy, SOCKS5) need from the tunnel: a byte stream to host:port.
 
 The front ends depend only on these two protocols, so they can be tested against a direct TCP opener
 and run in production over the multiplexed link (:mod:`fluidity.agent.tunnel`).

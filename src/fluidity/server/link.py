@@ -1,0 +1,349 @@
+"""One agent link on the server: the asyncio shell around a :class:`~fluidity.wire.Session`.
+
+Bytes from the TLS transport go into the session; its events open target connections (through
+the egress policy and dialer) and move bytes to them. Bytes read from targets go back into the
+session, which frames and schedules them fairly. Nothing here parses HTTP: the server is a dialer.
+
+Backpressure, both ways:
+
+- link → target: credit for a stream is returned only once its bytes are written to a target
+  socket that is not paused, so a slow target holds at most ``stream_window`` bytes here;
+- target → link: a target socket stops being read while its stream has ``stream_buffer`` bytes
+  queued in the session (credit exhausted or the TLS transport paused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from fluidity.logs import log
+from fluidity.server.dialer import DialError, DialFailure, dial
+from fluidity.wire import (
+    DataReceived,
+    ErrorCode,
+    GoAwayReceived,
+    Keepalive,
+    KeepaliveAction,
+    LinkReady,
+    PongReceived,
+    ProtocolError,
+    Role,
+    Session,
+    StreamEnded,
+    StreamOpenRequested,
+    StreamReset,
+)
+
+if TYPE_CHECKING:
+    from fluidity.server.listener import Server
+
+logger = logging.getLogger("fluidity.server")
+
+_DIAL_CODES = {
+    DialFailure.DNS: ErrorCode.DNS_FAILURE,
+    DialFailure.REFUSED: ErrorCode.REFUSED,
+    DialFailure.TIMEOUT: ErrorCode.TIMEOUT,
+    DialFailure.DENIED: ErrorCode.DENIED,
+    DialFailure.UNREACHABLE: ErrorCode.UNREACHABLE,
+    DialFailure.ERROR: ErrorCode.INTERNAL,
+}
+
+
+class ServerLink(asyncio.Protocol):
+    """The protocol object of one authenticated agent link."""
+
+    def __init__(self, server: Server, peer: str, identity: str) -> None:
+        self.server = server
+        self.peer = peer
+        self.identity = identity
+        config = server.config
+        self.session = Session(Role.SERVER, server.session_settings)
+        self.targets: dict[int, Target] = {}
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._paused = False
+        self._flush_scheduled = False
+        self._keepalive = Keepalive(
+            config.keepalive_interval, config.keepalive_timeout, self._loop.time()
+        )
+        self._timer: asyncio.TimerHandle | None = None
+        self.stream_buffer = config.stream_buffer
+
+    # --- transport callbacks ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._arm_keepalive()
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self._keepalive.received(self._loop.time())
+        try:
+            events = self.session.receive_data(data)
+        except ProtocolError as exc:
+            log(logger, logging.WARNING, "link.protocol_error", peer=self.peer,
+                agent=self.identity, reason=str(exc))  # fmt: skip
+            self.flush()
+            self.abort_all(ErrorCode.PROTOCOL_ERROR)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for event in events:
+            if type(event) is DataReceived:
+                target = self.targets.get(event.stream_id)
+                if target is not None:
+                    target.send(event.data)
+                else:
+                    self.session.consumed(event.stream_id, len(event.data))
+            elif type(event) is StreamOpenRequested:
+                self._open(event)
+            elif type(event) is StreamEnded:
+                target = self.targets.get(event.stream_id)
+                if target is not None:
+                    target.peer_ended()
+            elif type(event) is StreamReset:
+                target = self.targets.pop(event.stream_id, None)
+                if target is not None:
+                    target.abort()
+            elif type(event) is GoAwayReceived:
+                log(logger, logging.INFO, "link.goaway_received", peer=self.peer,
+                    agent=self.identity, reason=event.message or event.code.name)  # fmt: skip
+            elif type(event) is LinkReady or type(event) is PongReceived:
+                pass
+        self.request_flush()
+
+    def eof_received(self) -> bool:
+        return False  # the agent closed its side: close the link
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.abort_all(ErrorCode.CONNECTION_LOST)
+        self.server.link_closed(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self.flush()
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    def request_flush(self) -> None:
+        """Send what the session has, once per event-loop turn (coalesces small frames)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        session = self.session
+        while not self._paused and session.has_data_to_send():
+            transport.write(session.data_to_send())
+        for stream_id in session.take_drained():
+            target = self.targets.get(stream_id)
+            if target is not None:
+                target.resume_reading()
+
+    # --- streams ---------------------------------------------------------------------------------
+
+    def _open(self, event: StreamOpenRequested) -> None:
+        target = Target(self, event.stream_id, f"{event.host}:{event.port}")
+        self.targets[event.stream_id] = target
+        self.server.stats.stream_opened()
+        target.dial_task = self._loop.create_task(self._dial(target, event.host, event.port))
+
+    async def _dial(self, target: Target, host: str, port: int) -> None:
+        config = self.server.config
+        try:
+            sock = await dial(host, port, policy=self.server.policy, timeout=config.dial_timeout)
+            await self._loop.create_connection(lambda: target, sock=sock)
+        except DialError as exc:
+            self._refuse(target, _DIAL_CODES[exc.failure], exc.failure.value, exc.message)
+        except OSError as exc:
+            self._refuse(target, ErrorCode.INTERNAL, "error", os.strerror(exc.errno or 0))
+        else:
+            if self.targets.get(target.stream_id) is target:
+                self.session.accept_stream(target.stream_id)
+                self.request_flush()
+            elif target.transport is not None:
+                target.transport.abort()  # the agent gave up while we dialled
+
+    def _refuse(self, target: Target, code: ErrorCode, reason: str, message: str) -> None:
+        log(logger, logging.INFO, "stream.open_failed", agent=self.identity,
+            target=target.name, reason=reason)  # fmt: skip
+        log(logger, logging.DEBUG, "stream.open_failed.detail", target=target.name, detail=message)
+        if self.targets.pop(target.stream_id, None) is not None:
+            self.server.stats.stream_closed()
+            self.session.reject_stream(target.stream_id, code, message)
+            self.request_flush()
+            self._close_if_drained()
+
+    def target_done(self, target: Target) -> None:
+        if self.targets.get(target.stream_id) is target:
+            del self.targets[target.stream_id]
+        self.server.stats.stream_closed()
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        if self.session.goaway_sent and not self.targets and self.transport is not None:
+            self.flush()
+            self.transport.close()
+
+    def abort_all(self, code: ErrorCode) -> None:
+        for target in list(self.targets.values()):
+            target.abort()
+        self.targets.clear()
+
+    # --- keepalive and shutdown ------------------------------------------------------------------
+
+    def _arm_keepalive(self) -> None:
+        now = self._loop.time()
+        self._timer = self._loop.call_later(self._keepalive.next_check(now) + 0.01, self._tick)
+
+    def _tick(self) -> None:
+        action = self._keepalive.poll(self._loop.time())
+        if action is KeepaliveAction.DEAD:
+            log(logger, logging.WARNING, "link.dead", peer=self.peer, agent=self.identity,
+                reason=f"nothing received for {self._keepalive.timeout:g}s")  # fmt: skip
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if action is KeepaliveAction.PING:
+            self.session.send_ping(time.monotonic_ns().to_bytes(8, "big"))
+            self.request_flush()
+        self._arm_keepalive()
+
+    def goaway(self, message: str) -> None:
+        """Accept no new streams; close the link once the open ones have finished."""
+        self.session.send_goaway(ErrorCode.GOING_AWAY, message)
+        self.request_flush()
+        self._close_if_drained()
+
+    def close(self) -> None:
+        self.abort_all(ErrorCode.GOING_AWAY)
+        if self.transport is not None:
+            self.flush()
+            self.transport.close()
+
+
+class Target(asyncio.Protocol):
+    """The TCP connection to one stream's target."""
+
+    def __init__(self, link: ServerLink, stream_id: int, name: str) -> None:
+        self.link = link
+        self.session = link.session
+        self.stream_id = stream_id
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.dial_task: asyncio.Task[None] | None = None
+        self._early: list[memoryview] = []  # bytes the agent sent before the dial completed
+        self._peer_ended = False
+        self._eof_sent_to_peer = False
+        self._write_paused = False
+        self._read_paused = False
+        self._withheld = 0  # credit held back while the target is not draining
+        self._done = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        for chunk in self._early:
+            self.send(chunk)
+        self._early.clear()
+        if self._peer_ended:
+            self._write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        session.send_data(self.stream_id, data)
+        self.link.request_flush()
+        if (
+            session.pending_bytes(self.stream_id) >= self.link.stream_buffer
+            and not self._read_paused
+        ):
+            self._read_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._eof_sent_to_peer = True
+        self.session.end_stream(self.stream_id)
+        self.link.request_flush()
+        # Keep our sending direction open (half-close) unless the agent has finished too.
+        return not self._peer_ended
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        if exc is not None:
+            self.session.reset_stream(self.stream_id, ErrorCode.CONNECTION_LOST, str(exc))
+        elif not self._eof_sent_to_peer:
+            self.session.end_stream(self.stream_id)
+        self.link.request_flush()
+        self.link.target_done(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._withheld:
+            self.session.consumed(self.stream_id, self._withheld)
+            self._withheld = 0
+            self.link.request_flush()
+
+    # --- called by the link ----------------------------------------------------------------------
+
+    def send(self, data: memoryview) -> None:
+        transport = self.transport
+        if transport is None:
+            self._early.append(data)
+            return
+        if transport.is_closing():
+            self.session.consumed(self.stream_id, len(data))
+            return
+        transport.write(data)
+        if self._write_paused:
+            self._withheld += len(data)
+        else:
+            self.session.consumed(self.stream_id, len(data))
+
+    def peer_ended(self) -> None:
+        self._peer_ended = True
+        if self.transport is not None:
+            self._write_eof()
+
+    def _write_eof(self) -> None:
+        assert self.transport is not None
+        if self._eof_sent_to_peer:
+            self.transport.close()  # both directions are finished
+        elif self.transport.can_write_eof() and not self.transport.is_closing():
+            self.transport.write_eof()
+
+    def resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self.transport.is_closing():
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        if self.dial_task is not None and not self.dial_task.done():
+            self.dial_task.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+        elif not self._done:
+            self._done = True
+            self.link.server.stats.stream_closed()
