@@ -91,9 +91,10 @@ class EgressConfig(_Model):
     deny_cidrs: list[str] = []
     """Extra CIDRs to deny; wins over ``allow_cidrs``."""
     allow_hosts: list[str] = []
-    """If not empty, only these host names (exact, or ``*.example.com`` suffix) may be dialled."""
+    """If not empty, only these names may be dialled (exact; ``*.example.com`` or ``.example.com``
+    match the domain and every name under it). Never bypasses the address checks."""
     deny_hosts: list[str] = []
-    """Host names never dialled (exact or ``*.suffix``)."""
+    """Host names never dialled (same patterns as ``allow_hosts``)."""
     allow_ports: list[str] = []
     """If not empty, only these ports or ranges (``"443"``, ``"8000-8999"``)."""
     deny_ports: list[str] = []

@@ -14,12 +14,18 @@ import time
 from typing import Any
 
 _FIELDS = "fluidity_fields"
+_EVENT = "fluidity_event"
 
 
 def log(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
-    """Log ``event`` with ``fields`` (cheap when the level is disabled)."""
+    """Log ``event`` with ``fields`` (cheap when the level is disabled).
+
+    The record's message is the text form (``event key=value ...``), so any handler, including
+    pytest's, shows the fields; the JSON formatter uses the structured copy instead.
+    """
     if logger.isEnabledFor(level):
-        logger.log(level, event, extra={_FIELDS: fields})
+        text = " ".join([event, *(f"{key}={_render(value)}" for key, value in fields.items())])
+        logger.log(level, "%s", text, extra={_FIELDS: fields, _EVENT: event})
 
 
 def _render(value: Any) -> str:
@@ -34,10 +40,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        fields: dict[str, Any] = getattr(record, _FIELDS, {})
         parts = [f"{stamp}.{int(record.msecs):03d}Z", record.levelname, record.name,
                  record.getMessage()]  # fmt: skip
-        parts.extend(f"{key}={_render(value)}" for key, value in fields.items())
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -53,7 +57,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": getattr(record, _EVENT, None) or record.getMessage(),
         }
         payload.update(getattr(record, _FIELDS, {}))
         if record.exc_info:

@@ -268,6 +268,11 @@ class LinkStream:
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
 
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet read (at most the stream window)."""
+        return sum(len(chunk) for chunk in self._buffer)
+
     # --- fed by the link -------------------------------------------------------------------------
 
     def feed(self, data: memoryview) -> None:

@@ -192,7 +192,13 @@ class Tunnel:
             try:
                 await link.ready
             except ConnectionError:
-                raise ConnectionError(link.close_reason or "server closed the link") from None
+                # TLS 1.3 checks the client certificate after the client's handshake is done,
+                # so a refusal shows up here as a closed link, not as a handshake error.
+                reason = link.close_reason or (
+                    "server closed the link before HELLO: it may have refused this "
+                    "agent's certificate; the server's log names the reason"
+                )
+                raise ConnectionError(reason) from None
         if link.draining:
             link.close()
             raise ConnectionError(link.close_reason)
