@@ -26,7 +26,7 @@ from typing import Literal, get_args
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fluidity.errors import CertificateError
@@ -48,15 +48,9 @@ EXPIRY_WARNING_DAYS = 30
 CLOCK_SKEW = dt.timedelta(minutes=5)
 """Certificates start this long before "now" so a peer whose clock lags still accepts them."""
 
-CA_CERT, CA_KEY = "ca.crt", "ca.key"
-SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
-CLIENT_CERT, CLIENT_KEY = "client.crt", "client.key"
-
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
-_DNS_NAME = re.compile(
-    r"(?=.{1,253}$)(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
-    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
-)
+_DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}$)(\*\.)?{_DNS_LABEL}(\.{_DNS_LABEL})*")
 
 
 @dataclass(frozen=True)
@@ -81,7 +75,7 @@ class Issued:
 
 @dataclass(frozen=True)
 class PkiPaths:
-    """Where :func:`init_pki` wrote the CA, server and client files."""
+    """The files of a certificate directory: ``ca``, ``server`` and ``client`` ``.crt``/``.key``."""
 
     directory: Path
     ca_cert: Path
@@ -91,26 +85,17 @@ class PkiPaths:
     client_cert: Path
     client_key: Path
 
-    def files(self) -> list[Path]:
-        """The six file paths, CA first."""
-        return [
-            *(self.ca_cert, self.ca_key),
-            *(self.server_cert, self.server_key),
-            *(self.client_cert, self.client_key),
-        ]
-
     @classmethod
     def in_directory(cls, directory: Path) -> PkiPaths:
         """The standard file names inside ``directory`` (nothing is read or written)."""
-        return cls(
-            directory=directory,
-            ca_cert=directory / CA_CERT,
-            ca_key=directory / CA_KEY,
-            server_cert=directory / SERVER_CERT,
-            server_key=directory / SERVER_KEY,
-            client_cert=directory / CLIENT_CERT,
-            client_key=directory / CLIENT_KEY,
-        )
+        names = ("ca", "server", "client")
+        return cls(directory, *(directory / f"{n}.{ext}" for n in names for ext in ("crt", "key")))
+
+    def files(self) -> list[Path]:
+        """The six file paths, CA first."""
+        pairs = [(self.ca_cert, self.ca_key), (self.server_cert, self.server_key)]
+        pairs.append((self.client_cert, self.client_key))
+        return [path for pair in pairs for path in pair]
 
 
 @dataclass(frozen=True)
@@ -166,17 +151,15 @@ def validate_client_name(name: str) -> str:
 
 def parse_san(value: str) -> x509.GeneralName:
     """Turn an IP address or DNS name (optionally prefixed ``IP:`` / ``DNS:``) into a SAN."""
-    text = value.strip()
-    prefix, _, rest = text.partition(":")
-    if prefix.upper() in ("IP", "DNS") and rest:
-        text = rest
-        if prefix.upper() == "DNS":
-            return x509.DNSName(_validate_dns_name(text))
-    try:
-        return x509.IPAddress(ipaddress.ip_address(text))
-    except ValueError:
-        if prefix.upper() == "IP":
-            raise CertificateError(f"invalid IP address in SAN {value!r}") from None
+    prefix, colon, rest = value.partition(":")
+    kind = prefix.upper() if colon and prefix.upper() in ("IP", "DNS") else ""
+    text = rest if kind else value
+    if kind != "DNS":
+        try:
+            return x509.IPAddress(ipaddress.ip_address(text))
+        except ValueError:
+            if kind == "IP":
+                raise CertificateError(f"invalid IP address in SAN {value!r}") from None
     return x509.DNSName(_validate_dns_name(text))
 
 
@@ -195,23 +178,14 @@ def create_ca(
     Validity is ``days`` (1 to :data:`MAX_DAYS`) from ``not_before`` (default now minus
     :data:`CLOCK_SKEW`), unless ``not_after`` is given explicitly.
     """
-    name = common_name or f"Fluidity CA {secrets.token_hex(4)}"
     key = generate_key(key_type)
-    subject = _name(name)
     start, end = _validity(days, not_before, not_after)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    return Issued(builder.sign(key, hashes.SHA256()), key)
+    extensions: list[tuple[x509.ExtensionType, bool]] = [
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (_key_usage(cert_sign=True), True),
+    ]
+    name = common_name or f"Fluidity CA {secrets.token_hex(4)}"
+    return _sign(None, name, key, start=start, end=end, extensions=extensions)
 
 
 def issue_certificate(
@@ -230,38 +204,25 @@ def issue_certificate(
     ``sans`` are IP addresses or DNS names (see :func:`parse_san`); duplicates are dropped. Nothing
     is added implicitly, so a test can make a server certificate for exactly one other name.
     Validity is ``days`` (1 to :data:`MAX_DAYS`) from ``not_before`` (default now minus
-    :data:`CLOCK_SKEW`) unless ``not_after`` is explicit; either may lie in the past, which is
-    how tests make an expired certificate. A ``not_after`` derived from ``days`` is capped at the
-    CA's own expiry, since a chain cannot verify after that anyway.
+    :data:`CLOCK_SKEW`) unless ``not_after`` is explicit (naive datetimes are taken as UTC);
+    either may lie in the past, which is how tests make an expired certificate. A ``not_after``
+    derived from ``days`` is capped at the CA's own expiry: the chain cannot verify after that.
     """
     key = generate_key(key_type)
     start, end = _validity(days, not_before, not_after)
     if not_after is None:
         end = min(end, ca.certificate.not_valid_after_utc)
     usage = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
-    ca_ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            _key_usage(key_encipherment=isinstance(key, rsa.RSAPrivateKey)), critical=True
-        )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
-    )
+    extensions: list[tuple[x509.ExtensionType, bool]] = [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        # keyEncipherment only matters to RSA key transport (TLS 1.2), kept for old verifiers.
+        (_key_usage(key_encipherment=isinstance(key, rsa.RSAPrivateKey)), True),
+        (x509.ExtendedKeyUsage([usage]), False),
+    ]
     general_names = list(dict.fromkeys(parse_san(san) for san in sans))
     if general_names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(general_names), critical=False)
-    return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+        extensions.append((x509.SubjectAlternativeName(general_names), False))
+    return _sign(ca, common_name, key, start=start, end=end, extensions=extensions)
 
 
 def write_issued(issued: Issued, cert_path: Path, key_path: Path, *, force: bool = False) -> None:
@@ -275,8 +236,18 @@ def write_issued(issued: Issued, cert_path: Path, key_path: Path, *, force: bool
     _write_file(cert_path, issued.cert_pem(), 0o644, force=force)
 
 
+def load_certificate(path: Path) -> x509.Certificate:
+    """Read one PEM certificate; raise :class:`CertificateError` naming the file on failure."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as exc:
+        raise CertificateError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise CertificateError(f"{path} is not a PEM certificate: {exc}") from exc
+
+
 def load_issued(cert_path: Path, key_path: Path) -> Issued:
-    """Read a PEM certificate and its unencrypted PEM key; raise :class:`CertificateError`."""
+    """Read a PEM certificate and its unencrypted PEM key, and check that they belong together."""
     certificate = load_certificate(cert_path)
     try:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -289,16 +260,6 @@ def load_issued(cert_path: Path, key_path: Path) -> Issued:
     if key.public_key() != certificate.public_key():
         raise CertificateError(f"{key_path} does not belong to the certificate {cert_path}")
     return Issued(certificate, key)
-
-
-def load_certificate(path: Path) -> x509.Certificate:
-    """Read one PEM certificate; raise :class:`CertificateError` naming the file on failure."""
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except OSError as exc:
-        raise CertificateError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except ValueError as exc:
-        raise CertificateError(f"{path} is not a PEM certificate: {exc}") from exc
 
 
 def load_ca(directory: Path) -> Issued:
@@ -325,12 +286,22 @@ def init_pki(
 ) -> PkiPaths:
     """Create a CA, a server and a client certificate in ``directory`` (created if missing).
 
-    The server certificate has CN ``server_name`` and SANs ``DNS:<server_name>``,
-    ``DNS:localhost``, ``IP:127.0.0.1`` and ``extra_sans``. ``leaf_days`` and ``ca_days`` are
-    validity periods in days (1 to :data:`MAX_DAYS`). Without ``force``, any existing target file
-    is an error and nothing is written; with it all six files are replaced.
+    ``server_name`` is a DNS name of at most 64 characters (the limit of a CN). The server
+    certificate has CN ``server_name`` and SANs ``DNS:<server_name>``, ``DNS:localhost``,
+    ``IP:127.0.0.1`` and ``extra_sans``. ``leaf_days`` and ``ca_days`` are validity periods in
+    days (1 to :data:`MAX_DAYS`). Without ``force``, any existing target file is an error and
+    nothing is written; with it all six files are replaced.
     """
     _validate_dns_name(server_name)
+    if (
+        len(server_name) > 64
+        or "*" in server_name
+        or isinstance(parse_san(server_name), x509.IPAddress)
+    ):
+        raise CertificateError(
+            f"invalid server name {server_name!r}: use a DNS name of at most 64 characters "
+            "(add IP addresses with --san)"
+        )
     validate_client_name(client_name)
     sans = [server_name, "localhost", "127.0.0.1", *extra_sans]
     for san in sans:
@@ -344,7 +315,10 @@ def init_pki(
         ca, server_name, role="server", sans=sans, key_type=key_type, days=leaf_days
     )
     client = issue_certificate(ca, client_name, role="client", key_type=key_type, days=leaf_days)
-    _make_directory(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CertificateError(f"cannot create {directory}: {exc.strerror or exc}") from exc
     write_issued(ca, paths.ca_cert, paths.ca_key, force=force)
     write_issued(server, paths.server_cert, paths.server_key, force=force)
     write_issued(client, paths.client_cert, paths.client_key, force=force)
@@ -365,14 +339,15 @@ def issue_client(
     the CA's expiry). Returns ``(cert_path, key_path)``.
     """
     validate_client_name(name)
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     if name == "ca":
         # Even with --force, a leaf must never replace the CA's own key.
         raise CertificateError("the client name 'ca' is reserved for the CA's own files")
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     if not force:
         _refuse_existing([cert_path, key_path])
-    ca = load_ca(directory)
-    client = issue_certificate(ca, name, role="client", key_type=key_type, days=days)
+    client = issue_certificate(
+        load_ca(directory), name, role="client", key_type=key_type, days=days
+    )
     write_issued(client, cert_path, key_path, force=force)
     return cert_path, key_path
 
@@ -380,20 +355,17 @@ def issue_client(
 def describe_certificate(path: Path, *, now: dt.datetime | None = None) -> CertificateInfo:
     """Summarise one PEM certificate file; ``now`` (default: current UTC time) sets days_left."""
     cert = load_certificate(path)
-    moment = now or dt.datetime.now(dt.UTC)
-    try:
-        san_ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        sans = tuple(
-            [f"DNS:{n}" for n in san_ext.get_values_for_type(x509.DNSName)]
-            + [f"IP:{a}" for a in san_ext.get_values_for_type(x509.IPAddress)]
-        )
-    except x509.ExtensionNotFound:
-        sans = ()
-    try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
+    sans: tuple[str, ...] = ()
+    is_ca = False
+    for extension in cert.extensions:
+        if isinstance(extension.value, x509.SubjectAlternativeName):
+            dns = [f"DNS:{n}" for n in extension.value.get_values_for_type(x509.DNSName)]
+            ips = [f"IP:{a}" for a in extension.value.get_values_for_type(x509.IPAddress)]
+            sans = (*dns, *ips)
+        elif isinstance(extension.value, x509.BasicConstraints):
+            is_ca = extension.value.ca
     not_after = cert.not_valid_after_utc
+    moment = _utc(now) if now else dt.datetime.now(dt.UTC)
     return CertificateInfo(
         file=path,
         subject_cn=common_name(cert.subject),
@@ -424,11 +396,10 @@ def describe_certificates(
 
 def common_name(name: x509.Name) -> str:
     """The first CN of an X.509 name, or ``""`` if it has none."""
-    attributes = name.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not attributes:
-        return ""
-    value = attributes[0].value
-    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    for attribute in name.get_attributes_for_oid(NameOID.COMMON_NAME):
+        value = attribute.value
+        return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return ""
 
 
 def describe_public_key(key: object) -> str:
@@ -438,20 +409,38 @@ def describe_public_key(key: object) -> str:
         return f"ECDSA {curves.get(key.curve.name, key.curve.name)}"
     if isinstance(key, rsa.RSAPublicKey):
         return f"RSA {key.key_size}"
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return "Ed25519"
-    if isinstance(key, ed448.Ed448PublicKey):
-        return "Ed448"
-    return type(key).__name__
+    return type(key).__name__.removeprefix("_").removesuffix("PublicKey")
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Fluidity"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common),
-        ]
+def _sign(
+    issuer: Issued | None,
+    common: str,
+    key: PrivateKey,
+    *,
+    start: dt.datetime,
+    end: dt.datetime,
+    extensions: list[tuple[x509.ExtensionType, bool]],
+) -> Issued:
+    organization = x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Fluidity")
+    subject = x509.Name([organization, x509.NameAttribute(NameOID.COMMON_NAME, common)])
+    public_key = key.public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.certificate.subject if issuer else subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
+    if issuer:
+        extension = issuer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(extension.value)
+        builder = builder.add_extension(aki, critical=False)
+    for value, critical in extensions:
+        builder = builder.add_extension(value, critical=critical)
+    return Issued(builder.sign(issuer.key if issuer else key, hashes.SHA256()), key)
 
 
 def _key_usage(*, cert_sign: bool = False, key_encipherment: bool = False) -> x509.KeyUsage:
@@ -473,11 +462,15 @@ def _validity(
 ) -> tuple[dt.datetime, dt.datetime]:
     if not_after is None and not 1 <= days <= MAX_DAYS:
         raise CertificateError(f"validity of {days} days is out of range: use 1 to {MAX_DAYS}")
-    start = not_before or dt.datetime.now(dt.UTC) - CLOCK_SKEW
-    end = not_after or start + CLOCK_SKEW + dt.timedelta(days=days)
+    start = _utc(not_before) if not_before else dt.datetime.now(dt.UTC) - CLOCK_SKEW
+    end = _utc(not_after) if not_after else start + CLOCK_SKEW + dt.timedelta(days=days)
     if end <= start:
         raise CertificateError(f"certificate would end ({end}) before it starts ({start})")
     return start, end
+
+
+def _utc(moment: dt.datetime) -> dt.datetime:
+    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
 
 
 def _validate_dns_name(name: str) -> str:
@@ -494,19 +487,10 @@ def _refuse_existing(paths: Sequence[Path]) -> None:
             raise CertificateError(f"{path} already exists: use --force to overwrite it")
 
 
-def _make_directory(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CertificateError(
-            f"cannot create directory {directory}: {exc.strerror or exc}"
-        ) from exc
-
-
 def _write_file(path: Path, data: bytes, mode: int, *, force: bool) -> None:
-    # Keys must never exist with wider permissions, even briefly: the mode is set at creation.
-    # With force we write a fresh temporary file and rename it over the old one, because O_TRUNC on
-    # an existing file would keep that file's (possibly wider) mode.
+    # A key must never exist with wider permissions, even briefly, so the mode is set at creation.
+    # With force, a fresh temporary file is renamed over the old one: O_TRUNC on the existing file
+    # would keep that file's (possibly wider) mode.
     target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if force else path
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import cast
 
 from fluidity.agent.streams import OpenFailure, StreamOpenError
 from fluidity.logs import log
@@ -87,8 +88,8 @@ class AgentLink(asyncio.Protocol):
     # --- transport callbacks ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self._arm_keepalive()
         self.flush()
 

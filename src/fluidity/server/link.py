@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from fluidity.logs import log
 from fluidity.server.dialer import DialError, DialFailure, dial
@@ -77,12 +77,17 @@ class ServerLink(asyncio.Protocol):
     # --- transport callbacks ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        tls_transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
+        if not self.server.admit(self, tls_transport):
+            self.session.failed = True  # refused: ignore whatever the agent sends meanwhile
+            return
+        self.transport = tls_transport
         self._arm_keepalive()
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
         self._keepalive.received(self._loop.time())
         try:
             events = self.session.receive_data(data)
@@ -258,8 +263,8 @@ class Target(asyncio.Protocol):
         self._done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         for chunk in self._early:
             self.send(chunk)
         self._early.clear()

@@ -1,15 +1,16 @@
 """The server: accepts agents over mutual TLS 1.3 and runs one :class:`ServerLink` per agent.
 
-TLS is started explicitly after the TCP accept (``loop.start_tls``) rather than by
-``create_server(ssl=...)`` so that a failed handshake (no client certificate, unknown CA,
-expired certificate, plain bytes) is logged here with the peer and the reason; asyncio's own
-server only logs those at debug level.
+Connections are accepted by hand and given to ``loop.connect_accepted_socket(ssl=...)``, which
+raises a failed handshake (no client certificate, unknown CA, expired certificate, plain bytes)
+to us, so it is logged with the peer and the reason; ``create_server(ssl=...)`` only logs those
+at debug level, and uvloop's ``start_tls`` does not work on the server side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Coroutine, Iterator
 from typing import Any
@@ -62,7 +63,8 @@ class Server:
         self.links: set[ServerLink] = set()
         self.stats = ServerStats(self._link_totals)
         self._handshaking = 0
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _link_totals(self) -> Iterator[tuple[int, int]]:
@@ -72,63 +74,84 @@ class Server:
     @property
     def port(self) -> int:
         """The bound port (useful when ``listen_port`` is 0)."""
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._listener is not None
+        return int(self._listener.getsockname()[1])
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Handshake(self),
-            self.config.listen_addr,
-            self.config.listen_port,
-            backlog=1024,
-        )
+        """Bind ``listen_addr:listen_port`` and start accepting agents."""
+        config = self.config
+        try:
+            family = socket.AF_INET6 if ":" in config.listen_addr else socket.AF_INET
+            self._listener = socket.create_server(
+                (config.listen_addr, config.listen_port), family=family, backlog=1024
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {config.listen_addr}:{config.listen_port}: {exc.strerror} "
+                "(is another server running? set listen_port)"
+            ) from None
+        self._listener.setblocking(False)
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         log(logger, logging.INFO, "server.listening",
-            addr=f"{self.config.listen_addr}:{self.port}",
-            max_connections=self.config.max_connections)  # fmt: skip
+            addr=f"{config.listen_addr}:{self.port}",
+            max_connections=config.max_connections)  # fmt: skip
 
-    async def upgrade(self, transport: asyncio.Transport, peer: str) -> None:
-        """Run the TLS handshake on a fresh TCP connection and start its link."""
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        pause = 0.05
+        while True:
+            try:
+                conn, address = await loop.sock_accept(self._listener)
+            except OSError as exc:
+                # Out of file descriptors (EMFILE/ENFILE) and the like: say so once per pause
+                # and back off instead of spinning; accepting resumes when descriptors free up.
+                log(logger, logging.ERROR, "server.accept_failed", reason=exc.strerror,
+                    retry_in=f"{pause:g}s")  # fmt: skip
+                await asyncio.sleep(pause)
+                pause = min(2.0, pause * 2)
+                continue
+            pause = 0.05
+            self.spawn(self._handshake(conn, f"{address[0]}:{address[1]}"))
+
+    async def _handshake(self, conn: socket.socket, peer: str) -> None:
+        """Run the TLS handshake; the link admits itself in ``connection_made``."""
         loop = asyncio.get_running_loop()
         link = ServerLink(self, peer, identity="unknown")
-        self._handshaking += 1
         try:
-            tls_transport = await loop.start_tls(
-                transport, link, self.ssl_context, server_side=True,
+            await loop.connect_accepted_socket(
+                lambda: link, conn, ssl=self.ssl_context,
                 ssl_handshake_timeout=self.config.handshake_timeout,
             )  # fmt: skip
         except (OSError, TimeoutError) as exc:
             log(logger, logging.WARNING, "link.handshake_failed", peer=peer,
                 reason=explain_handshake_error(exc))  # fmt: skip
-            transport.abort()
-            return
-        finally:
-            self._handshaking -= 1
-        if tls_transport is None:  # the peer went away during the handshake
-            transport.abort()
-            return
-        ssl_object = tls_transport.get_extra_info("ssl_object")
+            conn.close()
+
+    def admit(self, link: ServerLink, transport: asyncio.Transport) -> bool:
+        """Check a freshly authenticated link (ALPN, connection limit); refuse it with a reason."""
+        ssl_object = transport.get_extra_info("ssl_object")
         link.identity = peer_identity(ssl_object)
         if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
-            log(logger, logging.WARNING, "link.refused", peer=peer, agent=link.identity,
+            log(logger, logging.WARNING, "link.refused", peer=link.peer, agent=link.identity,
                 reason=f"client did not negotiate ALPN {ALPN!r}")  # fmt: skip
-            tls_transport.abort()
-            return
-        if len(self.links) >= self.config.max_connections:
-            log(logger, logging.WARNING, "link.refused", peer=peer, agent=link.identity,
-                reason=f"max_connections={self.config.max_connections} reached")  # fmt: skip
+            transport.abort()
+            return False
+        limit = self.config.max_connections
+        if len(self.links) >= limit:
+            log(logger, logging.WARNING, "link.refused", peer=link.peer, agent=link.identity,
+                reason=f"max_connections={limit} reached")  # fmt: skip
             link.session.send_goaway(
-                ErrorCode.LIMIT,
-                f"server already has max_connections={self.config.max_connections} agent links",
+                ErrorCode.LIMIT, f"server already has max_connections={limit} agent links"
             )
-            link.connection_made(tls_transport)
-            tls_transport.close()
-            return
+            transport.write(link.session.data_to_send())
+            transport.close()
+            return False
         self.links.add(link)
         self.stats.active_connections = len(self.links)
-        log(logger, logging.INFO, "link.up", peer=peer, agent=link.identity,
+        log(logger, logging.INFO, "link.up", peer=link.peer, agent=link.identity,
             links=len(self.links))  # fmt: skip
-        link.connection_made(tls_transport)
+        return True
 
     def link_closed(self, link: ServerLink) -> None:
         if link in self.links:
@@ -146,8 +169,10 @@ class Server:
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, send GOAWAY, let streams finish for ``grace`` seconds, then close."""
         grace = self.config.shutdown_grace if grace is None else grace
-        if self._server is not None:
-            self._server.close()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        if self._listener is not None:
+            self._listener.close()
         links = list(self.links)
         for link in links:
             link.goaway("server shutting down")  # the link closes when its last stream ends
@@ -157,24 +182,4 @@ class Server:
             link.close()
         for task in list(self._tasks):
             task.cancel()
-        if self._server is not None:
-            await self._server.wait_closed()
         log(logger, logging.INFO, "server.stopped")
-
-
-class _Handshake(asyncio.Protocol):
-    """Owns a new TCP connection only until :meth:`Server.upgrade` starts TLS on it."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        # Nothing may be read before start_tls takes the transport over.
-        transport.pause_reading()
-        peername = transport.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if peername else "unknown"
-        self.server.spawn(self.server.upgrade(transport, peer))
-
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
-        pass
