@@ -16,7 +16,7 @@ from fluidity import __version__
 from fluidity.errors import FluidityError
 
 # Modules under fluidity.commands, in the order `fluidity --help` lists them.
-COMMAND_MODULES = ("up", "agent", "server", "certs")
+COMMAND_MODULES = ("up", "agent", "server", "certs", "config")
 
 Handler = Callable[[argparse.Namespace], int]
 

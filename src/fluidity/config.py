@@ -137,7 +137,9 @@ class ServerConfig(_Model):
     egress: EgressConfig = EgressConfig()
     """Egress policy (see the egress section)."""
     log_level: LogLevel = "info"
+    """debug, info, warning or error (also ``FLUIDITY_LOG_LEVEL``)."""
     log_format: LogFormat = "text"
+    """``text`` (key=value lines) or ``json`` (one object a line, for CloudWatch Logs Insights)."""
 
 
 class TunnelConfig(_Model):
@@ -190,10 +192,14 @@ class HttpConfig(_Model):
     """Bytes read from a client socket at a time."""
 
 
+def _empty_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
 class AgentConfig(_Model):
     """``fluidity agent``: the local proxy and its link to the server."""
 
-    server_ip: str | None = None
+    server_ip: Annotated[str | None, BeforeValidator(_empty_is_none)] = None
     """Address (IP or host name) of the server; ``--server-ip`` sets it at start."""
     server_port: int = 8443
     """The server's port."""
@@ -216,7 +222,9 @@ class AgentConfig(_Model):
     shutdown_grace: Duration = 10.0
     """On SIGTERM/SIGINT: time open streams get to finish before being closed."""
     log_level: LogLevel = "info"
+    """debug, info, warning or error (also ``FLUIDITY_LOG_LEVEL``)."""
     log_format: LogFormat = "text"
+    """``text`` (key=value lines) or ``json`` (one object a line, for CloudWatch Logs Insights)."""
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -320,7 +328,8 @@ def _explain(exc: ValidationError, model: type[BaseModel], source: str) -> str:
             lines.append(f"  {key}: unknown key{hint}")
             continue
         message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"  {key}: {message} (got {error.get('input')!r})")
+        got = repr(error.get("input"))
+        lines.append(f"  {key}: {message}" + ("" if got in message else f" (got {got})"))
     return "\n".join(lines)
 
 
