@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,11 +31,15 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    """Run async tests on uvloop, the loop the CLI uses, when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.DefaultEventLoopPolicy()
-    return uvloop.EventLoopPolicy()
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Run async tests on uvloop, the loop the CLI uses, unless marked ``stdlib_loop``."""
+    if item.get_closest_marker("stdlib_loop") is None:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}

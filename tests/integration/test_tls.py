@@ -65,11 +65,9 @@ class Pki:
         return context
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    """asyncio's own loop here: uvloop's server-side ``start_tls`` never completes the handshake
-    (the product's listener uses ``connect_accepted_socket`` instead, tested in test_tunnel)."""
-    return asyncio.DefaultEventLoopPolicy()
+# asyncio's own loop here: uvloop's server-side ``start_tls`` never completes the handshake
+# (the product's listener uses ``connect_accepted_socket`` instead, tested in test_tunnel).
+pytestmark = pytest.mark.stdlib_loop
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,173 @@
+"""The agent's HTTP/1.1 forward proxy: absolute-form requests, CONNECT and upgrades over streams.
+
+:class:`HttpProxy` listens for clients (browsers, curl, SDKs) and, for every request, opens a byte
+stream to the target through a :class:`~fluidity.agent.streams.StreamOpener` (the tunnel in
+production, :class:`~fluidity.agent.direct.DirectOpener` in tests). Each client connection is
+served by a :class:`~fluidity.agent.http_session.ClientSession`.
+
+Worst-case memory per client connection, with the defaults in brackets: the socket read buffer
+(``2 * read_chunk``: asyncio pauses reading above twice its limit), the chunk being forwarded and
+h11's copy of it (``2 * read_chunk``), the socket write buffer (``read_chunk`` plus the chunk that
+crossed it) and h11's head buffer (``max_header_bytes``): about ``6 * read_chunk +
+max_header_bytes`` [1.6 MiB]; plus, upstream, ``max_response_header_bytes`` [256 KiB] and the
+stream's own window. Bodies are never held whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass
+
+from fluidity.agent.http_messages import LocalHandler
+from fluidity.agent.http_session import ClientSession
+from fluidity.agent.streams import StreamOpener
+
+logger = logging.getLogger("fluidity.agent.http")
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    """Bounds applied to every client connection. Sizes in bytes, times in seconds."""
+
+    #: Whole request head (request line + header fields); larger heads get 431.
+    max_header_bytes: int = 64 * 1024
+    #: Request line including its CRLF; longer lines get 414.
+    max_request_line: int = 8 * 1024
+    #: Header fields per request; more get 431.
+    max_headers: int = 100
+    #: Time from a connection's start (or the first byte of a later request) to a complete request
+    #: head: slowloris protection. A partial head gets 408, a silent connection is just closed.
+    header_read_timeout: float = 30.0
+    #: Time a keep-alive client connection may sit between requests, and the longest pause
+    #: allowed while reading a request body, before it is closed.
+    idle_timeout: float = 120.0
+    #: Bytes per read from the client; also the client socket's read and write buffer bound.
+    read_chunk: int = 256 * 1024
+    #: Largest response head accepted from an origin; a larger one gets 502.
+    max_response_header_bytes: int = 256 * 1024
+
+
+class HttpProxy:
+    """An HTTP/1.1 forward proxy whose upstream connections are streams from ``opener``.
+
+    Origin-form requests (``GET /path``) are addressed to the proxy itself: they go to
+    ``local_handler`` when given, and otherwise get a 400 explaining how to use a proxy. The same
+    happens to absolute-form requests naming the proxy's own listening address, which would
+    otherwise loop.
+
+    Counters (plain ints, read them freely): ``active_connections``, ``total_connections``,
+    ``requests`` (request heads parsed) and ``open_failures`` (streams that could not be opened).
+    """
+
+    def __init__(
+        self,
+        opener: StreamOpener,
+        limits: ProxyLimits | None = None,
+        local_handler: LocalHandler | None = None,
+    ) -> None:
+        self.opener = opener
+        self.limits = limits or ProxyLimits()
+        self.local_handler = local_handler
+        self.active_connections = 0
+        self.total_connections = 0
+        self.requests = 0
+        self.open_failures = 0
+        self._servers: list[asyncio.Server] = []
+        self._sessions: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._own_addresses: set[tuple[str, int]] = set()
+
+    async def serve(
+        self, host: str = "127.0.0.1", port: int = 8080, *, backlog: int = 1024
+    ) -> asyncio.Server:
+        """Start accepting clients on ``host:port`` (port 0 picks a free one); return the server.
+
+        Call several times to listen on several addresses; :meth:`close` stops them all.
+        """
+        server = await asyncio.start_server(
+            self.handle_connection, host, port, limit=self.limits.read_chunk, backlog=backlog
+        )
+        self._servers.append(server)
+        for sock in server.sockets:
+            address = sock.getsockname()
+            bound = address[0]
+            names = (
+                _LOOPBACK_NAMES if bound in ("0.0.0.0", "::") or bound in _LOOPBACK_NAMES else ()
+            )
+            self._own_addresses.update((name, address[1]) for name in (bound, *names))
+        return server
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of every listening socket."""
+        return [sock.getsockname()[:2] for s in self._servers for sock in s.sockets]
+
+    def is_own_address(self, host: str, port: int) -> bool:
+        """True if ``host:port`` is where this proxy listens (a request there would loop)."""
+        return (host.lower(), port) in self._own_addresses
+
+    async def handle_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Serve one client connection until it closes (usable with any asyncio stream server)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        self.active_connections += 1
+        self.total_connections += 1
+        try:
+            transport = writer.transport
+            transport.set_write_buffer_limits(high=self.limits.read_chunk)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # Small responses (heads, errors) must not wait for Nagle's algorithm.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await ClientSession(self, reader, writer).run()
+        except asyncio.CancelledError:
+            if task not in self._closing:
+                raise
+            # Cancelled by close_connections(): end normally, as asyncio (3.11) logs an error for
+            # a cancelled stream-handler task.
+        finally:
+            self.active_connections -= 1
+            self._sessions.discard(task)
+            self._closing.discard(task)
+
+    def close(self) -> None:
+        """Stop accepting new clients; connections already open keep being served."""
+        for server in self._servers:
+            server.close()
+
+    async def wait_connections_closed(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every client connection to end; True if they did."""
+        sessions = list(self._sessions)
+        if sessions:
+            _, pending = await asyncio.wait(sessions, timeout=timeout)
+            return not pending
+        return True
+
+    def close_connections(self) -> None:
+        """Close every client connection now (and the streams they use)."""
+        for task in list(self._sessions):
+            self._closing.add(task)
+            task.cancel()
+
+    async def aclose(self) -> None:
+        """Stop accepting, close every connection and wait until they are all gone."""
+        self.close()
+        sessions = list(self._sessions)
+        self.close_connections()
+        await asyncio.gather(*sessions, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        self._own_addresses.clear()
+
+
+__all__ = ["HttpProxy", "LocalHandler", "ProxyLimits", "logger"]
