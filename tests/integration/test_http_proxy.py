@@ -1,4 +1,5 @@
-"""The HTTP proxy front end, driven by real curl and the websockets client, over DirectOpener.
+"""The HTTP proxy front end, driven by real curl and the websockets client, over DirectOpener
+and over the real tunnel (agent link + server over mutual TLS).
 
 Everything runs on 127.0.0.1 with ephemeral ports: the proxy in the test's event loop, curl as a
 subprocess (so the loop keeps serving), origins from :mod:`tests.integration.origins`.
@@ -24,6 +25,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from fluidity.agent.direct import DirectOpener, failure_for_oserror
+from fluidity.certs import PkiPaths
+
+from .stack import running_server, running_tunnel
 from fluidity.agent.http_messages import LocalRequest, LocalResponse
 from fluidity.agent.http_proxy import HttpProxy, ProxyLimits
 from fluidity.agent.streams import OpenFailure, StreamOpener, StreamOpenError
@@ -52,14 +56,24 @@ BIG = 64 * MIB
 ProxyFactory = Callable[..., Awaitable[HttpProxy]]
 
 
+@pytest.fixture(params=["direct", "tunnel"])
+async def default_opener(request: pytest.FixtureRequest, pki: PkiPaths) -> AsyncIterator[StreamOpener]:
+    """Every proxy test runs twice: straight to the origin, and over the real mTLS tunnel."""
+    if request.param == "direct":
+        yield DirectOpener(connect_timeout=5)
+        return
+    async with running_server(pki) as server, running_tunnel(pki, server.port) as tunnel:
+        yield tunnel
+
+
 @pytest.fixture
-async def make_proxy() -> AsyncIterator[ProxyFactory]:
+async def make_proxy(default_opener: StreamOpener) -> AsyncIterator[ProxyFactory]:
     proxies: list[HttpProxy] = []
 
     async def factory(
         opener: StreamOpener | None = None, limits: ProxyLimits | None = None, **kwargs: Any
     ) -> HttpProxy:
-        proxy = HttpProxy(opener or DirectOpener(connect_timeout=5), limits, **kwargs)
+        proxy = HttpProxy(opener or default_opener, limits, **kwargs)
         await proxy.serve("127.0.0.1", 0)
         proxies.append(proxy)
         return proxy
@@ -575,7 +589,9 @@ async def test_closed_port_gives_502_quickly_and_logs_only_the_target(
     result = await curl(*via(proxy), "-sS", "-w", "%{http_code}", url)
     body, status = result.stdout[:-3].decode(), result.stdout[-3:]
     assert status == b"502"
-    assert body == f"fluidity: cannot reach 127.0.0.1:{port}: connection refused\n"
+    # Over the tunnel the server's own detail follows in parentheses.
+    assert body.startswith(f"fluidity: cannot reach 127.0.0.1:{port}: connection refused")
+    assert body.endswith("\n") and body.count("\n") == 1
     assert result.elapsed < 5
     assert proxy.open_failures == 1
     lines = [r.getMessage() for r in caplog.records if r.name == "fluidity.agent.http"]
