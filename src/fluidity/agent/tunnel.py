@@ -88,6 +88,8 @@ class Tunnel:
             if link is not None:
                 try:
                     return link.open_stream(host, port)
+                except ValueError as exc:
+                    raise StreamOpenError(OpenFailure.ERROR, f"invalid target: {exc}") from None
                 except SessionStateError:
                     link.mark_draining()  # raced with GOAWAY or a protocol error
                     continue
