@@ -25,12 +25,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from fluidity.agent.direct import DirectOpener, failure_for_oserror
-from fluidity.certs import PkiPaths
-
-from .stack import running_server, running_tunnel
 from fluidity.agent.http_messages import LocalRequest, LocalResponse
 from fluidity.agent.http_proxy import HttpProxy, ProxyLimits
 from fluidity.agent.streams import OpenFailure, StreamOpener, StreamOpenError
+from fluidity.certs import PkiPaths
 from tests.integration.origins import (
     HalfCloseOrigin,
     HttpOrigin,
@@ -40,6 +38,8 @@ from tests.integration.origins import (
     pattern_sha256,
     write_pattern_file,
 )
+
+from .stack import running_server, running_tunnel
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,7 +57,9 @@ ProxyFactory = Callable[..., Awaitable[HttpProxy]]
 
 
 @pytest.fixture(params=["direct", "tunnel"])
-async def default_opener(request: pytest.FixtureRequest, pki: PkiPaths) -> AsyncIterator[StreamOpener]:
+async def default_opener(
+    request: pytest.FixtureRequest, pki: PkiPaths
+) -> AsyncIterator[StreamOpener]:
     """Every proxy test runs twice: straight to the origin, and over the real mTLS tunnel."""
     if request.param == "direct":
         yield DirectOpener(connect_timeout=5)
