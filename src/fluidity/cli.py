@@ -16,7 +16,18 @@ from fluidity import __version__
 from fluidity.errors import FluidityError
 
 # Modules under fluidity.commands, in the order `fluidity --help` lists them.
-COMMAND_MODULES = ("up", "agent", "server", "certs", "config")
+COMMAND_MODULES = (
+    "up",
+    "agent",
+    "server",
+    "certs",
+    "config",
+    "control",
+    "cloud",
+    "doctor",
+    "status",
+    "service",
+)
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 from fluidity.errors import ConfigError
 
@@ -114,6 +121,26 @@ class ServerConfig(_Model):
     """Server private key (PEM)."""
     ca_cert_file: Path = Path("certs/ca.crt")
     """CA that signs agent certificates; agents must present a certificate it issued."""
+    cert_source: Literal["file", "env", "secretsmanager"] = "file"
+    """Where the server certificate, key and CA come from: ``file`` (the three paths above),
+    ``env`` (PEM or base64 in ``FLUIDITY_SERVER_CERT_PEM``, ``FLUIDITY_SERVER_KEY_PEM``,
+    ``FLUIDITY_CA_CERT_PEM``) or ``secretsmanager`` (the JSON secret ``cert_secret_name`` with
+    fields ``server_cert``, ``server_key``, ``ca_cert``; needs ``pip install 'fluidity[aws]'``)."""
+    cert_secret_name: str = "fluidity/certificates"
+    """AWS Secrets Manager secret read when ``cert_source`` is ``secretsmanager`` (name or ARN;
+    region and credentials from the AWS environment). ``fluidity cloud certs push`` writes it."""
+    crl_file: Path | None = None
+    """Certificate revocation list (PEM, signed by the CA) written by ``fluidity certs revoke``;
+    an agent whose certificate it lists is refused right after the handshake, with a log line
+    naming it. Missing file: a warning, and it is loaded when it appears."""
+    tls_reload_interval: Duration = 30.0
+    """How often the server checks whether the certificate, key, CA (``cert_source: file``) or
+    CRL files changed, and reloads them (0 = only on SIGHUP, which always reloads). New
+    connections use the new material; open links continue, except those of revoked agents."""
+    health_port: int = 0
+    """Port of the health endpoint on 127.0.0.1 only (0 = off): HTTP 200 while the listener
+    accepts, 503 while draining; ``fluidity server healthcheck`` asks it (the Docker image uses
+    8444)."""
     max_connections: int = 64
     """Agent links accepted at once; more are refused at the TLS layer with a log line."""
     max_streams_per_connection: int = 1024
@@ -136,6 +163,24 @@ class ServerConfig(_Model):
     """On SIGTERM/SIGINT: time open streams get to finish after GOAWAY before being closed."""
     egress: EgressConfig = EgressConfig()
     """Egress policy (see the egress section)."""
+    emit_metrics: bool = False
+    """Publish activity metrics to CloudWatch (what the sleep Lambda reads); needs
+    ``pip install 'fluidity[aws]'`` and ``cloudwatch:PutMetricData``. Failures are logged and
+    retried with backoff; they never block or stop the server."""
+    metrics_interval: Duration = 60.0
+    """Seconds between CloudWatch publishes (at least 1)."""
+    metrics_namespace: str = "Fluidity"
+    """CloudWatch namespace of the metrics (the Lambdas' ``METRIC_NAMESPACE``)."""
+    cluster_name: str = "fluidity"
+    """Value of the ``ClusterName`` metric dimension (``FLUIDITY_CLUSTER_NAME``, set by the task
+    definition); must match the Lambdas' ``CLUSTER_NAME``."""
+    service_name: str = "fluidity-server"
+    """Value of the ``ServiceName`` metric dimension (``FLUIDITY_SERVICE_NAME``); must match the
+    Lambdas' ``SERVICE_NAME``."""
+    admin_addr: str = "127.0.0.1"
+    """Address of the admin endpoint (``GET /metrics`` for Prometheus, ``GET /status`` JSON)."""
+    admin_port: int = 0
+    """Port of the admin endpoint (0 = off). The local control backend turns it on."""
     log_level: LogLevel = "info"
     """debug, info, warning or error (also ``FLUIDITY_LOG_LEVEL``)."""
     log_format: LogFormat = "text"
@@ -179,7 +224,8 @@ class HttpConfig(_Model):
     """Limits of the agent's HTTP proxy front end."""
 
     max_header_bytes: Size = 64 * 1024
-    """Largest request head (request line and headers); larger gets 431."""
+    """Largest request head (request line and headers); larger gets 431. Also bounds the
+    upstream proxy's answers to CONNECT (head, and the error page after it)."""
     max_request_line: Size = 8 * 1024
     """Longest request line; longer gets 414."""
     max_headers: int = 100
@@ -190,10 +236,146 @@ class HttpConfig(_Model):
     """Keep-alive client connections idle this long are closed."""
     read_chunk: Size = 256 * 1024
     """Bytes read from a client socket at a time."""
+    max_connections: int = 0
+    """Client connections served at once; more are answered 503 (with ``Retry-After``) and
+    closed. 0 = derived from the open-file limit (``ulimit -n``) minus the descriptors in use
+    minus 32, so the agent answers instead of running out of file descriptors."""
 
 
 def _empty_is_none(value: object) -> object:
     return None if value == "" else value
+
+
+OptionalText = Annotated[str | None, BeforeValidator(_empty_is_none)]
+
+
+class LifecycleConfig(_Model):
+    """The agent's side of the control plane: wake the server on start, release it on exit."""
+
+    enabled: bool = False
+    """Call the control API: wake on start (and when a request finds the server asleep), poll
+    status for the server's address, release on exit."""
+    wake_api_endpoint: OptionalText = None
+    """URL of ``POST /wake`` (API Gateway stage URL + ``/wake``, or the local control API)."""
+    kill_api_endpoint: OptionalText = None
+    """URL of ``POST /kill``; the agent sends a release there on exit (see ``on_exit``)."""
+    status_api_endpoint: OptionalText = None
+    """URL of ``GET /status``; unset: ``wake_api_endpoint`` with its last ``/wake`` made
+    ``/status``."""
+    api_key: OptionalText = None
+    """Sent as ``x-api-key`` (write ``"${LAMBDA_API_KEY}"`` to keep it out of the file)."""
+    connection_timeout: Duration = 90.0
+    """How long a wake may take (control API, server start, first link) before it is reported
+    as failed; the agent keeps retrying after that at ``tunnel.reconnect_max`` pace."""
+    connection_retry_interval: Duration = 5.0
+    """Longest pause between control-API retries, status polls and link attempts while waking
+    (they start at a quarter second and double up to this)."""
+    connection_max_retries: int = 20
+    """Control-API calls tried per wake before giving up until the next request."""
+    request_timeout: Duration = 10.0
+    """Time limit of one control-API call."""
+    on_exit: Literal["release", "kill", "none"] = "release"
+    """On exit: ``release`` (stop the server unless another agent is active), ``kill`` (stop
+    it) or ``none``."""
+
+
+class ProxyUser(_Model):
+    """A user allowed to use the agent's proxy (HTTP Basic and SOCKS5 username/password)."""
+
+    username: str
+    """1-255 bytes, no ``:`` (Basic puts it before the password)."""
+    password: SecretStr
+    """1-255 bytes; write ``"${PROXY_PASSWORD}"`` to keep it out of the file."""
+
+    @field_validator("username")
+    @classmethod
+    def _check_username(cls, value: str) -> str:
+        if not 1 <= len(value.encode()) <= 255 or ":" in value:
+            raise ValueError("a user name has 1 to 255 bytes and no ':'")
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _check_password(cls, value: SecretStr) -> SecretStr:
+        if not 1 <= len(value.get_secret_value().encode()) <= 255:
+            raise ValueError("a password has 1 to 255 bytes (the SOCKS5 limit)")
+        return value
+
+
+class ProxyAuthConfig(_Model):
+    """Who may use the agent's proxy (needed to listen on a non-loopback address)."""
+
+    users: list[ProxyUser] = []
+    """Entries ``{username: ..., password: ...}``. When not empty, every client must log in, on
+    loopback too: HTTP with ``Proxy-Authorization: Basic`` (407 otherwise), SOCKS5 with
+    username/password (RFC 1929). Checked in constant time. Basic sends the password in clear
+    on the LAN."""
+    realm: str = "fluidity"
+    """Realm named in the 407 challenge (browsers show it in the login prompt)."""
+
+
+class SocksConfig(_Model):
+    """SOCKS5 (RFC 1928) on the agent: CONNECT with domain, IPv4 and IPv6 addresses."""
+
+    enabled: bool = True
+    """Accept SOCKS5 on ``local_proxy_port`` (a first byte 0x05 tells it from HTTP) and on
+    ``socks_port`` if set."""
+    handshake_timeout: Duration = 10.0
+    """Time a SOCKS5 client has for greeting, login and request together."""
+
+
+class PacConfig(_Model):
+    """``GET /proxy.pac`` on the proxy port: a PAC file that sends browsers to the agent."""
+
+    enabled: bool = True
+    """Serve the PAC file (to anyone who can reach the port: browsers fetch it without login)."""
+    direct_private: bool = True
+    """Plain host names (no dot), ``localhost``, loopback and private IPv4/IPv6 literals go
+    DIRECT rather than through the tunnel."""
+    direct_hosts: list[str] = []
+    """Host names that go DIRECT: ``intranet.example.com``, or ``.corp.example.com`` /
+    ``*.corp.example.com`` for a domain and every name under it (names only: no DNS lookups)."""
+    direct_cidrs: list[str] = []
+    """IPv4 ranges (``100.64.0.0/10``) that go DIRECT when a URL names an address in them."""
+    proxy_address: OptionalText = None
+    """``host:port`` the PAC sends browsers to; unset: the proxy's listening address, or for
+    ``0.0.0.0`` the host the PAC was fetched from."""
+
+
+class StatusConfig(_Model):
+    """The agent's status pages: ``GET /`` (HTML) and ``GET /status`` (JSON) on the proxy port."""
+
+    enabled: bool = True
+    """Answer ``/`` and ``/status`` (``fluidity status`` reads ``/status``)."""
+    allow_remote: bool = False
+    """Show them to clients other than this machine (with ``proxy_auth.users``, after an
+    ``Authorization: Basic`` login); otherwise they get 403."""
+    recent_errors: int = 20
+    """Warnings and errors the status keeps (the most recent; each at most 500 characters)."""
+
+
+class UpstreamConfig(_Model):
+    """How the link reaches the server through a corporate proxy (``upstream_proxy`` et al.)."""
+
+    use_environment: bool = True
+    """Without ``upstream_proxy``/``upstream_pac``, use ``HTTPS_PROXY``/``HTTP_PROXY`` (and
+    ``NO_PROXY``) from the environment; a loopback server is always reached directly."""
+    username: OptionalText = None
+    """User for proxies whose URL carries none (``DOMAIN\\user`` or ``user@REALM`` for NTLM and
+    Negotiate). With no user anywhere, NTLM/Negotiate use the logged-in user's credentials where
+    the platform has them (Kerberos ticket, Windows SSPI, ``NTLM_USER_FILE``)."""
+    password: SecretStr | None = None
+    """Password for ``username`` (write ``"${PROXY_PASSWORD}"``)."""
+    max_auth_rounds: int = 6
+    """407 answers handled per connection attempt before giving up with a clear error."""
+    pac_refresh: Duration = 300.0
+    """How often ``upstream_pac`` is fetched and evaluated again."""
+    pac_fetch_timeout: Duration = 10.0
+    """Time to download ``upstream_pac``."""
+    pac_eval_timeout: Duration = 10.0
+    """Time the PAC evaluation (a child process) may take before it is killed."""
+    max_pac_bytes: Size = 1024 * 1024
+    """Largest ``upstream_pac`` accepted."""
 
 
 class AgentConfig(_Model):
@@ -206,11 +388,33 @@ class AgentConfig(_Model):
     server_name: str = "fluidity-server"
     """Name the server certificate must carry, whatever address is dialled."""
     local_proxy_addr: str = "127.0.0.1"
-    """Address of the local proxy. A non-loopback address needs ``allow_non_loopback``."""
+    """Address of the local proxy. A non-loopback address needs ``proxy_auth.users``, or
+    ``allow_open_proxy``."""
     local_proxy_port: int = 8080
-    """Port of the local HTTP proxy."""
-    allow_non_loopback: bool = False
-    """Allow ``local_proxy_addr`` to be reachable from other machines (logs a warning)."""
+    """Port of the local proxy: HTTP and SOCKS5 (told apart by the first byte)."""
+    socks_port: int | None = None
+    """An extra port on ``local_proxy_addr`` for SOCKS5 only (0 picks a free one; unset: none)."""
+    allow_open_proxy: bool = False
+    """Allow a non-loopback ``local_proxy_addr`` without ``proxy_auth.users``: anyone who can
+    reach it can use your tunnel. Logs a warning at every start."""
+    proxy_auth: ProxyAuthConfig = ProxyAuthConfig()
+    """Users of the proxy (see the proxy_auth section)."""
+    socks: SocksConfig = SocksConfig()
+    """SOCKS5 settings (see the socks section)."""
+    pac: PacConfig = PacConfig()
+    """The PAC file served at ``/proxy.pac`` (see the pac section)."""
+    status: StatusConfig = StatusConfig()
+    """The status pages (see the status section)."""
+    upstream_proxy: OptionalText = None
+    """Corporate HTTP proxy the link goes through with CONNECT:
+    ``http://user:password@host:port`` (percent-encode ``\\`` as ``%5C``, ``@`` as ``%40``).
+    Answers Basic, NTLM and Negotiate. Unset: ``upstream_pac``, then the environment."""
+    upstream_pac: OptionalText = None
+    """PAC file (http(s) URL, ``file://`` URL or path) evaluated for the server's address to
+    choose the proxy, when ``upstream_proxy`` is unset. A broken PAC is logged; the last good
+    one (or DIRECT) is used."""
+    upstream: UpstreamConfig = UpstreamConfig()
+    """Credentials and limits for the upstream proxy (see the upstream section)."""
     cert_file: Path = Path("certs/client.crt")
     """This agent's certificate (PEM), issued by the server's CA."""
     key_file: Path = Path("certs/client.key")
@@ -219,12 +423,78 @@ class AgentConfig(_Model):
     """CA that must have signed the server certificate."""
     tunnel: TunnelConfig = TunnelConfig()
     http: HttpConfig = HttpConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    """Wake/release through the control plane (see the lifecycle section)."""
     shutdown_grace: Duration = 10.0
     """On SIGTERM/SIGINT: time open streams get to finish before being closed."""
     log_level: LogLevel = "info"
     """debug, info, warning or error (also ``FLUIDITY_LOG_LEVEL``)."""
     log_format: LogFormat = "text"
     """``text`` (key=value lines) or ``json`` (one object a line, for CloudWatch Logs Insights)."""
+
+
+class LocalBackendConfig(_Model):
+    """``fluidity control serve --backend local``: the server is a process on this machine."""
+
+    server_config: Path | None = None
+    """Config file of the ``fluidity server`` it starts (unset: built-in defaults)."""
+    server_command: list[str] = []
+    """Command that starts the server (unset: this Python's ``-m fluidity server``);
+    ``--config`` is appended when ``server_config`` is set."""
+    public_host: str = "127.0.0.1"
+    """Address reported as ``public_ip`` while the server runs (what agents dial)."""
+    admin_port: int = 0
+    """Loopback port given to the server's admin endpoint (``FLUIDITY_ADMIN_PORT``), from which
+    activity is read; 0 = a free port chosen at start."""
+    stop_timeout: Duration = 15.0
+    """After SIGTERM, time the server has to drain and exit before SIGKILL."""
+
+
+class EcsBackendConfig(_Model):
+    """``fluidity control serve --backend ecs``: the server is an ECS service (boto3)."""
+
+    cluster_name: str = "fluidity"
+    """ECS cluster of the service (also the ``ClusterName`` metric dimension)."""
+    service_name: str = "fluidity-server"
+    """ECS service whose desired count is set (also the ``ServiceName`` metric dimension)."""
+    region: OptionalText = None
+    """AWS region (unset: boto3's usual resolution, e.g. ``AWS_REGION``)."""
+    endpoint_url: OptionalText = None
+    """Send every AWS call here instead (a test double such as moto)."""
+
+
+class ControlConfig(_Model):
+    """``fluidity control serve``: the lifecycle API (wake, sleep, kill, status) and schedule."""
+
+    backend: Literal["local", "ecs"] = "local"
+    """Where the server runs: ``local`` (a process here) or ``ecs`` (an ECS service)."""
+    listen_addr: str = "127.0.0.1"
+    """Address of the control API."""
+    listen_port: int = 8090
+    """Port of the control API (0 = any free port)."""
+    api_key: OptionalText = None
+    """Shared key every request must send as ``x-api-key`` (required; e.g.
+    ``"${FLUIDITY_CONTROL_KEY}"``)."""
+    idle_threshold: Duration = 900.0
+    """Put the server to sleep after this long with no tunnelled activity."""
+    startup_grace: Duration = 300.0
+    """Never put a server to sleep within this long of its start."""
+    release_window: Duration = 120.0
+    """An agent's release stops the server only if no other agent was active this recently."""
+    sleep_check_interval: Duration = 300.0
+    """Seconds between idle checks (0 = no scheduled sleep)."""
+    daily_kill_time: str = "23:00"
+    """UTC time ``HH:MM`` of the daily kill (empty = none)."""
+    metrics_namespace: str = "Fluidity"
+    """CloudWatch namespace read by the ECS backend."""
+    metric_lookback: Duration = 1800.0
+    """How far back the ECS backend reads metrics."""
+    local: LocalBackendConfig = LocalBackendConfig()
+    ecs: EcsBackendConfig = EcsBackendConfig()
+    log_level: LogLevel = "info"
+    """debug, info, warning or error (also ``FLUIDITY_LOG_LEVEL``)."""
+    log_format: LogFormat = "text"
+    """``text`` (key=value lines) or ``json`` (one object a line)."""
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

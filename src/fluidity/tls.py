@@ -155,7 +155,10 @@ def explain_handshake_error(exc: BaseException) -> str:
             return _CLOSED
         detail = reason.lower().replace("_", " ") or str(inner)
         return f"TLS error: {detail}"[:_MAX_DETAIL]
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError) or (
+        # asyncio and uvloop report ssl_handshake_timeout this way, not as TimeoutError.
+        isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc)
+    ):
         return "TLS handshake timed out"
     if isinstance(exc, asyncio.IncompleteReadError | EOFError):
         return _CLOSED

@@ -1,12 +1,16 @@
-"""The agent as a whole: the tunnel to the server plus the local HTTP proxy in front of it."""
+"""The agent as a whole: the tunnel to the server plus the local proxy (HTTP, SOCKS5) in front."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
+from functools import partial
+from typing import cast
 
-from fluidity.agent.http_proxy import HttpProxy, ProxyLimits
-from fluidity.agent.tunnel import Tunnel
+from fluidity.agent.fdlimit import connection_budget
+from fluidity.agent.frontends import ClientSide, check_exposure, upstream_connector, warn_if_open
+from fluidity.agent.http_proxy import ProxyLimits
+from fluidity.agent.lifecycle import Lifecycle
+from fluidity.agent.tunnel import Connector, Tunnel
 from fluidity.config import AgentConfig
 from fluidity.errors import ConfigError
 from fluidity.logs import log
@@ -25,39 +29,47 @@ def proxy_limits(config: AgentConfig) -> ProxyLimits:
         header_read_timeout=http.header_read_timeout,
         idle_timeout=http.idle_timeout,
         read_chunk=http.read_chunk,
+        max_connections=http.max_connections or connection_budget(),
     )
 
 
-def _is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+def _connector(config: AgentConfig, host: str) -> Connector | None:
+    """The link's connector for a server address the control plane reported."""
+    return upstream_connector(config.model_copy(update={"server_ip": host}))
 
 
 class Agent:
     """Tunnel + proxy with a start/stop life cycle (used by ``fluidity agent`` and the tests)."""
 
     def __init__(self, config: AgentConfig) -> None:
-        if not config.server_ip:
+        if not config.server_ip and not config.lifecycle.enabled:
             raise ConfigError(
                 "no server address: set server_ip in the agent config or pass --server-ip "
                 "(for a Fargate server, `fluidity cloud start` prints it)"
             )
-        if not _is_loopback(config.local_proxy_addr) and not config.allow_non_loopback:
-            raise ConfigError(
-                f"local_proxy_addr {config.local_proxy_addr} is not a loopback address: anyone "
-                "who can reach it could use your tunnel. Bind 127.0.0.1, or set "
-                "allow_non_loopback: true if you really mean to share it"
-            )
+        check_exposure(config)
         self.config = config
         context = client_context(config.cert_file, config.key_file, config.ca_cert_file)
-        self.tunnel = Tunnel(
-            config.server_ip, config.server_port, config.server_name, context, config.tunnel
+        connector = upstream_connector(config) if config.server_ip else None
+        self.lifecycle: Lifecycle | None = None
+        if config.lifecycle.enabled:
+            # Wake the server through the control plane, learn its address, release it on exit;
+            # Lifecycle offers the Tunnel interface the proxy and the status pages use.
+            self.lifecycle = Lifecycle(config, context, connector_for=partial(_connector, config))
+            self.tunnel = cast(Tunnel, self.lifecycle)
+        else:
+            assert config.server_ip is not None
+            self.tunnel = Tunnel(
+                config.server_ip, config.server_port, config.server_name, context,
+                config.tunnel, connector=connector,
+            )  # fmt: skip
+        self.route = connector.describe() if connector is not None else "direct"
+        phase = (lambda: lifecycle.phase) if (lifecycle := self.lifecycle) is not None else None
+        # HTTP proxy and SOCKS5 on one port, proxy authentication, status and PAC pages.
+        self.clients = ClientSide(
+            config, self.tunnel, proxy_limits(config), upstream=self.route, lifecycle=phase
         )
-        self.proxy = HttpProxy(self.tunnel, proxy_limits(config))
+        self.proxy = self.clients.proxy
 
     @property
     def proxy_port(self) -> int:
@@ -65,30 +77,22 @@ class Agent:
 
     async def start(self) -> None:
         config = self.config
-        if not _is_loopback(config.local_proxy_addr):
-            log(logger, logging.WARNING, "agent.open_proxy",
-                addr=config.local_proxy_addr,
-                hint="the proxy is reachable from other machines")  # fmt: skip
+        warn_if_open(config)
+        await self.clients.start()  # first, so the status page sees the link's first events
         self.tunnel.start()
-        try:
-            await self.proxy.serve(config.local_proxy_addr, config.local_proxy_port)
-        except OSError as exc:
-            await self.tunnel.stop()
-            raise ConfigError(
-                f"cannot listen on {config.local_proxy_addr}:{config.local_proxy_port}: "
-                f"{exc.strerror} (is another proxy or agent running? set local_proxy_port)"
-            ) from None
         log(logger, logging.INFO, "agent.listening",
             proxy=f"http://{config.local_proxy_addr}:{self.proxy_port}",
-            server=self.tunnel.address, server_name=config.server_name)  # fmt: skip
+            socks_port=self.clients.socks_port or "-",
+            server=self.tunnel.address, server_name=config.server_name,
+            via=self.route)  # fmt: skip
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting clients; give open connections ``grace`` seconds; close everything."""
         grace = self.config.shutdown_grace if grace is None else grace
-        self.proxy.close()
+        self.clients.close()
         if grace > 0:
-            await self.proxy.wait_connections_closed(grace)
-        await self.proxy.aclose()
+            await self.clients.wait_connections_closed(grace)
+        await self.clients.aclose()
         await self.tunnel.stop()
         log(logger, logging.INFO, "agent.stopped")
 

@@ -145,10 +145,18 @@ async def _relay_response(
 ) -> h11.InformationalResponse | None:
     origin = upstream.conn
     received = head_sent = False
+    # What h11 produced for the client since the last stream read, written with one writelines
+    # when the next read would wait (or at the end): a small response whose head and body came in
+    # one read costs one send(2), not two. Bounded by what one stream read returns.
+    out: list[bytes] = []
     try:
         while True:
             event = origin.next_event()
             if event is h11.NEED_DATA:
+                if out:
+                    writer.writelines(out)
+                    out.clear()
+                    await writer.drain()
                 data = await upstream.stream.read()
                 if not data and not received:
                     text = f"fluidity: {upstream.display} closed the connection, no response\n"
@@ -157,22 +165,23 @@ async def _relay_response(
                 origin.receive_data(data)
             elif type(event) is h11.Data:
                 # The origin's Data event goes to the client as is: no copy, h11 re-frames it.
-                writer.writelines(client.send_with_data_passthrough(event) or ())
-                await writer.drain()
+                out.extend(client.send_with_data_passthrough(event) or ())
             elif type(event) is h11.Response:
                 headers = downstream_response_headers(event.headers.raw_items(), upgrade=False)
                 head = h11.Response(
                     status_code=event.status_code, reason=event.reason, headers=headers
                 )
-                writer.write(client.send(head))
+                out.append(client.send(head))
                 head_sent = True
             elif type(event) is h11.EndOfMessage:
-                writer.write(client.send(h11.EndOfMessage()))
+                out.append(client.send(h11.EndOfMessage()))
+                writer.writelines(out)
                 await writer.drain()
                 return None
             elif type(event) is h11.InformationalResponse:
                 if event.status_code == 101:
                     if upgrade:
+                        writer.writelines(out)
                         return event
                     raise h11.RemoteProtocolError("101 without an upgrade request")
                 # 1xx (100 Continue, 103 Early Hints) mean nothing to an HTTP/1.0 client.
@@ -181,16 +190,18 @@ async def _relay_response(
                     info = h11.InformationalResponse(
                         status_code=event.status_code, reason=event.reason, headers=headers
                     )
-                    writer.write(client.send(info))
+                    out.append(client.send(info))
             else:
                 raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
     except StreamOpenError as exc:
+        writer.writelines(out)  # what h11 already counts as sent (a head, 1xx answers)
         if head_sent:
             raise AbortExchangeError(str(exc)) from exc
         status = failure_status(exc.failure)
         text = failure_text(upstream.display, exc.failure, exc.message)
         raise UpstreamError(status, text, stale=not received) from exc
     except h11.ProtocolError as exc:
+        writer.writelines(out)
         if head_sent:
             raise AbortExchangeError(str(exc)) from exc
         text = f"fluidity: invalid response from {upstream.display}\n"

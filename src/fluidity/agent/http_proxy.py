@@ -19,15 +19,21 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from fluidity.agent.http_messages import LocalHandler
+from fluidity.agent.fdlimit import ConnectionGate
+from fluidity.agent.http_messages import LocalHandler, LocalResponse
 from fluidity.agent.http_session import ClientSession
 from fluidity.agent.streams import StreamOpener
 
 logger = logging.getLogger("fluidity.agent.http")
 
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+#: Decides whether a proxy request may be served, from its header fields (lowercase names):
+#: ``None`` to serve it, or the answer to send instead (e.g. 407 Proxy Authentication Required).
+Authorizer = Callable[[Sequence[tuple[bytes, bytes]]], LocalResponse | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +56,9 @@ class ProxyLimits:
     read_chunk: int = 256 * 1024
     #: Largest response head accepted from an origin; a larger one gets 502.
     max_response_header_bytes: int = 256 * 1024
+    #: Client connections served at once (0: no limit); more are answered 503 and closed, so that
+    #: running out of file descriptors gets an answer, not a reset (see :mod:`.fdlimit`).
+    max_connections: int = 0
 
 
 class HttpProxy:
@@ -60,6 +69,9 @@ class HttpProxy:
     happens to absolute-form requests naming the proxy's own listening address, which would
     otherwise loop.
 
+    Proxy requests (absolute-form and CONNECT) are first shown to ``authorizer`` when given: it
+    returns ``None`` to let the request through, or the answer to send instead (a 407).
+
     Counters (plain ints, read them freely): ``active_connections``, ``total_connections``,
     ``requests`` (request heads parsed) and ``open_failures`` (streams that could not be opened).
     """
@@ -69,12 +81,16 @@ class HttpProxy:
         opener: StreamOpener,
         limits: ProxyLimits | None = None,
         local_handler: LocalHandler | None = None,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self.opener = opener
         self.limits = limits or ProxyLimits()
         self.local_handler = local_handler
+        self.authorizer = authorizer
         self.active_connections = 0
         self.total_connections = 0
+        limit = self.limits.max_connections
+        self._gate = ConnectionGate(limit) if limit else None
         self.requests = 0
         self.open_failures = 0
         self._servers: list[asyncio.Server] = []
@@ -92,6 +108,13 @@ class HttpProxy:
         server = await asyncio.start_server(
             self.handle_connection, host, port, limit=self.limits.read_chunk, backlog=backlog
         )
+        self.adopt_server(server)
+        return server
+
+    def adopt_server(self, server: asyncio.Server) -> None:
+        """Treat ``server`` as one of this proxy's listeners (one that calls
+        :meth:`handle_connection`, e.g. the agent's front door): :meth:`close` stops it and
+        requests naming its address are answered locally."""
         self._servers.append(server)
         for sock in server.sockets:
             address = sock.getsockname()
@@ -100,7 +123,6 @@ class HttpProxy:
                 _LOOPBACK_NAMES if bound in ("0.0.0.0", "::") or bound in _LOOPBACK_NAMES else ()
             )
             self._own_addresses.update((name, address[1]) for name in (bound, *names))
-        return server
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -121,6 +143,9 @@ class HttpProxy:
         self.active_connections += 1
         self.total_connections += 1
         try:
+            if self._gate is not None and self._gate.full(self.active_connections):
+                await self._gate.refuse(reader, writer)
+                return
             transport = writer.transport
             transport.set_write_buffer_limits(high=self.limits.read_chunk)
             sock = transport.get_extra_info("socket")
@@ -170,4 +195,4 @@ class HttpProxy:
         self._own_addresses.clear()
 
 
-__all__ = ["HttpProxy", "LocalHandler", "ProxyLimits", "logger"]
+__all__ = ["Authorizer", "HttpProxy", "LocalHandler", "ProxyLimits", "logger"]

@@ -14,7 +14,10 @@ or a protocol upgrade the connection is raw bytes until both directions end, the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from typing import TYPE_CHECKING
 
 import h11
@@ -25,6 +28,7 @@ from fluidity.agent.http_messages import (
     BadRequestError,
     HeadScanner,
     LocalRequest,
+    LocalResponse,
     Target,
     downstream_response_headers,
     failure_status,
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("fluidity.agent.http")
 
+_LINGER_RESET = struct.pack("ii", 1, 0)
 _CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 _NOT_A_PROXY_REQUEST = "this is a proxy: send absolute-form requests (http://host/path) or CONNECT"
 #: After refusing a request, unread input is drained for at most this long / this many bytes so
@@ -101,6 +106,8 @@ class ClientSession:
             if request.method == b"CONNECT":
                 if has_body:
                     raise BadRequestError(400, "CONNECT request with a body")
+                if (refusal := self._check_access(request)) is not None:
+                    return self._send_local(refusal)
                 await self._tunnel(parse_connect_target(request.target))
                 return False
             if request.target.startswith(b"/") or request.target == b"*":
@@ -111,6 +118,8 @@ class ClientSession:
             return False
         if self._proxy.is_own_address(target.host, target.port):
             return await self._answer_locally(request)
+        if (refusal := self._check_access(request)) is not None:
+            return self._send_local(refusal)
         return await self._forward(request, target, framing)
 
     # -- reading request heads ---------------------------------------------------------------
@@ -249,7 +258,7 @@ class ClientSession:
             self._writer.write(origin_bytes)
         if client_bytes:
             upstream.stream.write(client_bytes)
-        await pipe(
+        result = await pipe(
             self._reader,
             self._writer,
             upstream.stream,
@@ -257,6 +266,7 @@ class ClientSession:
             client_eof=client_eof,
         )
         self._drop_upstream()
+        self._abort_unless_clean(result.clean)
 
     # -- CONNECT -----------------------------------------------------------------------------
 
@@ -277,15 +287,30 @@ class ClientSession:
             early, client_eof = self._conn.trailing_data
             if early:
                 stream.write(early)
-            await pipe(
+            result = await pipe(
                 self._reader,
                 self._writer,
                 stream,
                 read_chunk=self._limits.read_chunk,
                 client_eof=client_eof,
             )
+            self._abort_unless_clean(result.clean)
         finally:
             stream.close()
+
+    def _abort_unless_clean(self, clean: bool) -> None:
+        """End a raw tunnel that failed (link lost, stream reset) with an RST, not a FIN.
+
+        A raw byte stream has no framing of its own, so a FIN would tell the client that the
+        data ended normally; the reset tells it the data was cut short.
+        """
+        if not clean:
+            sock = self._writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    # Linger on, timeout 0: closing sends an RST (a plain abort sends a FIN).
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            self._writer.transport.abort()
 
     # -- answers from the proxy itself -------------------------------------------------------
 
@@ -298,7 +323,14 @@ class ClientSession:
             target=request.target.decode("ascii", "replace"),
             headers=tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers),
         )
-        answer = await handler(local)
+        return self._send_local(await handler(local))
+
+    def _check_access(self, request: h11.Request) -> LocalResponse | None:
+        """The proxy's authorizer's answer: ``None`` to serve the request, else the refusal."""
+        authorizer = self._proxy.authorizer
+        return None if authorizer is None else authorizer(list(request.headers))
+
+    def _send_local(self, answer: LocalResponse) -> bool:
         headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in answer.headers]
         headers.append((b"Content-Type", answer.content_type.encode("latin-1")))
         return self._respond(answer.status, headers, answer.body)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fluidity.agent.link import AgentLink, LinkStream
 from fluidity.agent.streams import OpenFailure, StreamOpenError
@@ -21,6 +23,12 @@ from fluidity.tls import explain_handshake_error
 from fluidity.wire import ALPN, SessionSettings, SessionStateError
 
 logger = logging.getLogger("fluidity.agent")
+
+
+#: Opens the TCP connection a link runs over (e.g. through a corporate proxy: see
+#: :mod:`fluidity.agent.upstream`); without one, the tunnel connects straight to the server. Its
+#: errors (``OSError``/``ConnectionError``) are logged as ``link.down reason=<message>``.
+Connector = Callable[[], Awaitable[socket.socket]]
 
 
 def backoff_delays(config: TunnelConfig, rng: Callable[[], float] = random.random) -> list[float]:
@@ -46,8 +54,11 @@ class Tunnel:
         server_name: str,
         ssl_context: ssl.SSLContext,
         config: TunnelConfig,
+        *,
+        connector: Connector | None = None,
     ) -> None:
         self.host = host
+        self.connector = connector
         self.port = port
         self.server_name = server_name
         self.ssl_context = ssl_context
@@ -73,6 +84,9 @@ class Tunnel:
 
     async def wait_connected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a usable link; return whether one is up."""
+        if self._pick() is not None:
+            return True
+        self._available.clear()  # it stays set after a link is lost
         try:
             await asyncio.wait_for(self._available.wait(), timeout)
         except TimeoutError:
@@ -182,8 +196,11 @@ class Tunnel:
             name=self.address,
         )
         async with asyncio.timeout(config.connect_timeout):
+            where: dict[str, Any] = {"host": self.host, "port": self.port}
+            if self.connector is not None:
+                where = {"sock": await self.connector()}
             transport, _ = await loop.create_connection(
-                lambda: link, self.host, self.port,
+                lambda: link, **where,
                 ssl=self.ssl_context, server_hostname=self.server_name,
                 ssl_handshake_timeout=config.connect_timeout,
             )  # fmt: skip

@@ -9,13 +9,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fluidity import certs
+from fluidity import certs, crl
 
 DEFAULT_DIR = Path("certs")
 
 
 def add_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.ArgumentParser:
-    """Register ``fluidity certs`` and its sub-commands ``init``, ``issue-client`` and ``show``."""
+    """Register ``fluidity certs`` and its sub-commands init, issue-client, revoke and show."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "certs",
         help="create and inspect the CA, server and client certificates",
@@ -72,6 +72,25 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.Argument
     _add_force(issue)
     issue.set_defaults(handler=run_issue_client)
 
+    revoke = actions.add_parser(
+        "revoke",
+        help="revoke NAME.crt (a lost laptop): add it to crl.pem",
+        description=(
+            "Add the certificate NAME.crt (or --serial) to crl.pem in the directory, signed by "
+            "the CA. Copy crl.pem to the server (crl_file): a running server reloads it within "
+            "tls_reload_interval or on SIGHUP, refuses that agent and closes its open link."
+        ),
+    )
+    revoke.add_argument("name", metavar="NAME", nargs="?", help="certificate name, e.g. laptop-2")
+    revoke.add_argument(
+        "--serial",
+        type=lambda text: int(text, 0),
+        default=None,
+        help="revoke by serial number (e.g. 0x1f...) when NAME.crt is gone",
+    )
+    _add_dir(revoke)
+    revoke.set_defaults(handler=run_revoke)
+
     show = actions.add_parser(
         "show",
         help="list the certificates in the directory and when they expire",
@@ -112,6 +131,19 @@ def run_issue_client(args: argparse.Namespace) -> int:
         args.dir, args.name, key_type=args.key_type, days=args.days, force=args.force
     )
     Console().print(f"Issued {cert_path} and {key_path} for client {args.name!r}.", highlight=False)
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    """Handle ``fluidity certs revoke NAME``."""
+    path, serial, added = crl.revoke(args.dir, args.name, serial=args.serial)
+    what = args.name or f"serial {serial:#x}"
+    verb = "Revoked" if added else "Already revoked:"
+    Console().print(
+        f"{verb} {what} (serial {serial:#x}); {path} is signed and up to date. Copy it to the "
+        "server's crl_file: it is reloaded within tls_reload_interval or on SIGHUP.",
+        highlight=False,
+    )
     return 0
 
 

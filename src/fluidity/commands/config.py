@@ -8,9 +8,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from fluidity.config import AgentConfig, ServerConfig, load_config
+from fluidity.config import AgentConfig, ControlConfig, ServerConfig, load_config
 
-MODELS: dict[str, type[BaseModel]] = {"agent": AgentConfig, "server": ServerConfig}
+MODELS: dict[str, type[BaseModel]] = {
+    "agent": AgentConfig,
+    "server": ServerConfig,
+    "control": ControlConfig,
+}
 
 
 def add_parser(subparsers: Any) -> None:

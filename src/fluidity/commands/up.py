@@ -69,6 +69,19 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--ready-timeout", type=float, default=15.0, help="seconds to wait for both to listen"
     )
+    parser.add_argument(
+        "--lifecycle",
+        action="store_true",
+        help="run the control plane instead of the server: the agent wakes the server on demand, "
+        "it sleeps when idle and stops when the agent exits",
+    )
+    parser.add_argument(
+        "--control-config",
+        type=Path,
+        default=Path("configs/control.local.yaml"),
+        help="control-plane config with --lifecycle (written to .fluidity/ if missing)",
+    )
+    parser.add_argument("--control-port", type=int, default=8090, help="port for generated config")
     parser.set_defaults(handler=main)
 
 
@@ -132,6 +145,10 @@ def _stop(children: list[subprocess.Popen[bytes]], grace: float = 12.0) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.lifecycle:
+        from fluidity.commands.control import up_with_lifecycle
+
+        return up_with_lifecycle(args)
     _ensure_certs(args.certs)
     server_config = _config(args.server_config, SERVER_LOCAL, args)
     agent_config = _config(args.agent_config, AGENT_LOCAL, args)

@@ -72,6 +72,7 @@ class ServerLink(asyncio.Protocol):
             config.keepalive_interval, config.keepalive_timeout, self._loop.time()
         )
         self._timer: asyncio.TimerHandle | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
         self.stream_buffer = config.stream_buffer
 
     # --- transport callbacks ---------------------------------------------------------------------
@@ -83,7 +84,18 @@ class ServerLink(asyncio.Protocol):
             return
         self.transport = tls_transport
         self._arm_keepalive()
+        self._hello_timer = self._loop.call_later(
+            self.server.config.handshake_timeout, self._hello_overdue
+        )
         self.flush()
+
+    def _hello_overdue(self) -> None:
+        """An authenticated peer that never says HELLO must not hold a link slot."""
+        if not self.session.peer_ready and self.transport is not None:
+            log(logger, logging.WARNING, "link.protocol_error", peer=self.peer,
+                agent=self.identity,
+                reason=f"no HELLO within {self.server.config.handshake_timeout:g}s")  # fmt: skip
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
@@ -129,6 +141,8 @@ class ServerLink(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
         self.abort_all(ErrorCode.CONNECTION_LOST)
         self.server.link_closed(self)
         if not self.closed.done():
@@ -180,6 +194,9 @@ class ServerLink(asyncio.Protocol):
         except OSError as exc:
             self._refuse(target, ErrorCode.INTERNAL, "error", os.strerror(exc.errno or 0))
         else:
+            # Dialled: nothing left to cancel, and a finished task kept for the stream's whole
+            # life costs about 1 KB per open stream.
+            target.dial_task = None
             if self.targets.get(target.stream_id) is target:
                 self.session.accept_stream(target.stream_id)
                 self.request_flush()
@@ -187,8 +204,13 @@ class ServerLink(asyncio.Protocol):
                 target.transport.abort()  # the agent gave up while we dialled
 
     def _refuse(self, target: Target, code: ErrorCode, reason: str, message: str) -> None:
-        log(logger, logging.INFO, "stream.open_failed", agent=self.identity,
-            target=target.name, reason=reason)  # fmt: skip
+        if code is ErrorCode.INTERNAL:
+            # A local failure (e.g. out of file descriptors), not the target's doing: say which.
+            log(logger, logging.WARNING, "stream.open_failed", agent=self.identity,
+                target=target.name, reason=reason, detail=message)  # fmt: skip
+        else:
+            log(logger, logging.INFO, "stream.open_failed", agent=self.identity,
+                target=target.name, reason=reason)  # fmt: skip
         log(logger, logging.DEBUG, "stream.open_failed.detail", target=target.name, detail=message)
         if self.targets.pop(target.stream_id, None) is not None:
             self.server.stats.stream_closed()

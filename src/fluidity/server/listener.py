@@ -16,6 +16,7 @@ from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from fluidity.config import EgressConfig, ServerConfig
+from fluidity.crl import RevocationList, revoked_reason
 from fluidity.errors import ConfigError
 from fluidity.logs import log
 from fluidity.server.egress import EgressPolicy
@@ -53,7 +54,8 @@ class Server:
 
     def __init__(self, config: ServerConfig, ssl_context: ssl.SSLContext) -> None:
         self.config = config
-        self.ssl_context = ssl_context
+        self.ssl_context = ssl_context  # replaced on reload: new handshakes use the new one
+        self.revocations: RevocationList | None = None  # set by TlsReloader from crl_file
         self.policy = policy_from_config(config)
         self.session_settings = SessionSettings(
             initial_window=config.stream_window,
@@ -76,6 +78,14 @@ class Server:
         """The bound port (useful when ``listen_port`` is 0)."""
         assert self._listener is not None
         return int(self._listener.getsockname()[1])
+
+    @property
+    def accepting(self) -> bool:
+        """True while the listening socket is open and its accept loop runs (the health check)."""
+        task, listener = self._accept_task, self._listener
+        return (
+            task is not None and not task.done() and listener is not None and listener.fileno() >= 0
+        )
 
     async def start(self) -> None:
         """Bind ``listen_addr:listen_port`` and start accepting agents."""
@@ -135,6 +145,11 @@ class Server:
         if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
             log(logger, logging.WARNING, "link.refused", peer=link.peer, agent=link.identity,
                 reason=f"client did not negotiate ALPN {ALPN!r}")  # fmt: skip
+            transport.abort()
+            return False
+        if revoked := revoked_reason(self.revocations, ssl_object):
+            log(logger, logging.WARNING, "link.refused", peer=link.peer, agent=link.identity,
+                reason=revoked)  # fmt: skip
             transport.abort()
             return False
         limit = self.config.max_connections

@@ -134,6 +134,9 @@ def open_payload(host: str, port: int) -> bytes:
     raw = host.encode("idna") if not host.isascii() else host.encode("ascii")
     if not raw or len(raw) > MAX_HOST_LENGTH:
         raise ValueError(f"host name must be 1-{MAX_HOST_LENGTH} bytes, got {len(raw)}")
+    # Refuse here what parse_open refuses, or one bad target would close the whole link.
+    if not raw.decode("ascii").isprintable() or b" " in raw:
+        raise ValueError(f"host name {host!r} contains spaces or control characters")
     if not 0 < port < 65536:
         raise ValueError(f"port must be 1-65535, got {port}")
     return _OPEN_PORT.pack(port) + raw

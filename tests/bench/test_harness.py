@@ -1,0 +1,81 @@
+"""The benchmark harness's own logic: process accounting by PID and the report's ratios and goals.
+
+The chains themselves are exercised by ``make bench-smoke`` (it needs Debian packages); these
+tests need nothing but Python and run in ``make test`` with the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench.many import ManyResult
+from bench.procs import ProcessTable, cpu_seconds, peak_rss_bytes
+from bench.report import ChainResult, goals, table
+
+MiB = 1024 * 1024
+
+
+def _results(**fluidity: float) -> list[ChainResult]:
+    direct = ChainResult("direct", connect_mbps=1000, rate_c64=40000, p50_ms=0.05)
+    squid = ChainResult("squid", connect_mbps=500, rate_c64=10000)
+    stunnel = ChainResult("stunnel+squid", connect_mbps=300, tunnels_per_s=500)
+    pproxy = ChainResult("pproxy", connect_mbps=200, rate_c64=8000)
+    values = {"connect_mbps": 600.0, "rate_c64": 13000.0, "p50_ms": 0.25, "tunnels_per_s": 2600.0}
+    values.update(fluidity)
+    return [direct, squid, stunnel, pproxy, ChainResult("fluidity", **values)]  # type: ignore[arg-type]
+
+
+def test_table_shows_each_figure_with_its_ratio_to_the_direct_row() -> None:
+    text = table(_results())
+    fluidity_row = next(line for line in text.splitlines() if line.startswith("| fluidity"))
+    assert "600 (0.60x)" in fluidity_row
+    assert "13,000 (0.33x)" in fluidity_row
+    direct_row = next(line for line in text.splitlines() if line.startswith("| direct"))
+    assert "1,000 (1.00x)" in direct_row
+
+
+def test_goals_say_met_when_every_threshold_is_passed() -> None:
+    many = ManyResult(10000, 10000, 10000, 3.0, 150 * MiB, 160 * MiB, 170 * MiB)
+    lines = goals(_results(), many)
+    assert lines and all("**met**" in line for line in lines), lines
+
+
+def test_goals_name_each_miss_with_its_figure() -> None:
+    many = ManyResult(10000, 10000, 9990, 3.0, 150 * MiB, 160 * MiB, 250 * MiB)
+    lines = goals(_results(connect_mbps=450.0, rate_c64=9000.0, p50_ms=0.4), many)
+    missed = [line for line in lines if "NOT met" in line]
+    assert any("CONNECT bulk" in line and "squid 500" in line for line in missed)
+    assert any("1.5 x pproxy" in line and "1.12x" in line for line in missed)
+    assert any("p50" in line and "0.400 ms" in line for line in missed)
+    assert any("9,990 used" in line for line in missed)
+
+
+def test_processes_are_measured_and_stopped_by_pid(tmp_path: Path) -> None:
+    table_ = ProcessTable(tmp_path)
+    busy = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    child = table_.start(
+        "parent",
+        [sys.executable, "-c", f"import subprocess, sys, time\n"
+         f"subprocess.Popen([sys.executable, '-c', {busy + 'time.sleep(60)'!r}])\n"
+         "time.sleep(60)\n"],
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while len(table_.tree([child.pid])) < 2 or cpu_seconds(table_.tree([child.pid])) < 0.2:
+        assert time.monotonic() < deadline, "the grandchild never showed up or never ran"
+        time.sleep(0.05)
+    family = table_.tree([child.pid])
+    assert peak_rss_bytes(family) > 0
+    table_.stop_all()
+    for pid in family:
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in _state(pid), f"{pid} still runs"
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0].decode()
+    except OSError:
+        return "Z"

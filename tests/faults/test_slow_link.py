@@ -1,0 +1,100 @@
+"""A slow, narrow link between agent and server: 200 ms round trip (100 ms each way), 1 MiB/s cap.
+
+Transfers must stay byte-exact both ways, and small interactive requests on other streams must
+still complete while one bulk download saturates the link: the per-stream window and round-robin
+scheduling keep the bulk stream from filling the queues ahead of them. The p99 latency of the
+interactive requests, loaded over unloaded, is printed (and recorded in docs/hardening.md); it is
+a measurement, not an assertion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+
+import pytest
+
+from fluidity.certs import PkiPaths
+from tests.integration.origins import HttpOrigin, pattern_chunks, pattern_sha256
+from tests.integration.stack import running_server
+from tests.integration.test_agent import running_agent
+
+from .relay import FaultRelay
+from .support import fetch, percentile
+
+MiB = 1024 * 1024
+RATE = 1 * MiB  # bytes per second, each direction
+ONE_WAY = 0.1  # seconds
+
+
+async def _interactive(proxy_port: int, origin: HttpOrigin, count: int) -> list[float]:
+    """Small requests one after the other, each on a new stream; their latencies in seconds."""
+    latencies = []
+    for _ in range(count):
+        started = time.monotonic()
+        result = await fetch(proxy_port, origin.url("/bytes/2000"), timeout=30)
+        assert result.ok and result.sha256 == pattern_sha256(2000), result
+        latencies.append(time.monotonic() - started)
+    return latencies
+
+
+async def _upload(proxy_port: int, origin: HttpOrigin, size: int) -> dict[str, object]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+    writer.write(
+        f"POST {origin.url('/echo')} HTTP/1.1\r\nHost: {origin.authority}\r\n"
+        f"Content-Length: {size}\r\nConnection: close\r\n\r\n".encode()
+    )
+    for piece in pattern_chunks(size, 64 * 1024):
+        writer.write(piece)
+        await writer.drain()
+    response = await reader.read()
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    info: dict[str, object] = json.loads(body)
+    return info
+
+
+@pytest.mark.timeout(120)
+async def test_slow_narrow_link_keeps_transfers_exact_and_interactive_requests_moving(
+    pki: PkiPaths,
+) -> None:
+    bulk_size = 4 * MiB
+    async with (
+        HttpOrigin() as origin,
+        running_server(pki) as server,
+        FaultRelay(server.port, latency=ONE_WAY, rate=RATE) as relay,
+        running_agent(pki, relay.port) as agent,
+    ):
+        assert await agent.tunnel.wait_connected(10)
+        await _interactive(agent.proxy_port, origin, 1)  # warm-up: the link's first stream
+        unloaded = await _interactive(agent.proxy_port, origin, 8)
+
+        started = time.monotonic()
+        bulk = asyncio.create_task(
+            fetch(agent.proxy_port, origin.url(f"/bytes/{bulk_size}"), timeout=90)
+        )
+        await asyncio.sleep(0.5)  # let the bulk stream fill the link first
+        loaded = await _interactive(agent.proxy_port, origin, 8)
+        still_running = not bulk.done()
+        download = await bulk
+        bulk_seconds = time.monotonic() - started
+
+        upload = await _upload(agent.proxy_port, origin, MiB)
+        assert relay.accepted == 1  # one link carried it all
+
+    assert download.ok and download.sha256 == pattern_sha256(bulk_size), download
+    assert upload["body_length"] == MiB
+    sent = hashlib.sha256(b"".join(pattern_chunks(MiB, 64 * 1024))).hexdigest()
+    assert upload["body_sha256"] == sent
+    assert still_running, "the bulk download ended before the interactive requests: no overlap"
+    p99_unloaded, p99_loaded = percentile(unloaded, 0.99), percentile(loaded, 0.99)
+    print(
+        f"\nslow link: bulk {bulk_size / MiB:.0f} MiB in {bulk_seconds:.1f}s "
+        f"({bulk_size / bulk_seconds / MiB:.2f} MiB/s of {RATE / MiB:.0f} MiB/s cap); "
+        f"interactive p99 unloaded {p99_unloaded * 1000:.0f} ms, loaded {p99_loaded * 1000:.0f} "
+        f"ms, ratio {p99_loaded / p99_unloaded:.2f}; unloaded {[round(x, 3) for x in unloaded]} "
+        f"loaded {[round(x, 3) for x in loaded]}"
+    )
