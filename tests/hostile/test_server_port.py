@@ -9,7 +9,9 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,4 +232,27 @@ async def test_tls_client_that_never_sends_hello_is_closed(bench: Bench) -> None
     assert waited < HANDSHAKE_TIMEOUT + 10
     line = await bench.log_line("link.protocol_error", port)
     assert "agent=fluidity-client" in line and "no HELLO within 1s" in line, line
+    await bench.still_fine()
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_port_probe_that_sends_nothing_is_logged_at_debug_not_as_a_failure(
+    bench: Bench, how: str
+) -> None:
+    """A TCP health check (or `fluidity up` waiting for the port) is not a failed handshake."""
+    bench.caplog.set_level(logging.DEBUG, logger="fluidity.server")
+    _, writer = await asyncio.open_connection("127.0.0.1", bench.server.port)
+    port = writer.get_extra_info("sockname")[1]
+    if how == "reset":
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+    else:
+        writer.close()
+    line = await bench.log_line("link.probe", port)
+    record = next(r for r in bench.caplog.records if r.getMessage() == line)
+    assert record.levelno == logging.DEBUG
+    peer = f"peer=127.0.0.1:{port}"
+    assert not [r for r in bench.caplog.records if r.levelno >= logging.WARNING
+                and peer in r.getMessage().split()]  # fmt: skip
     await bench.still_fine()

@@ -125,13 +125,25 @@ class Server:
             self.spawn(self._handshake(conn, f"{address[0]}:{address[1]}"))
 
     async def _handshake(self, conn: socket.socket, peer: str) -> None:
-        """Run the TLS handshake; the link admits itself in ``connection_made``."""
+        """Run the TLS handshake; the link admits itself in ``connection_made``.
+
+        A connection that closes before sending a single byte is a port probe (a TCP health
+        check, ``fluidity up`` waiting for the port, a scanner), not a failed handshake: it is
+        logged at debug level only, so load-balancer health checks do not flood the log.
+        ``handshake_timeout`` covers the wait for the first byte and the handshake together.
+        """
         loop = asyncio.get_running_loop()
         link = ServerLink(self, peer, identity="unknown")
+        deadline = loop.time() + self.config.handshake_timeout
         try:
+            async with asyncio.timeout_at(deadline):
+                if not await _first_byte_arrives(loop, conn):
+                    log(logger, logging.DEBUG, "link.probe", peer=peer)
+                    conn.close()
+                    return
             await loop.connect_accepted_socket(
                 lambda: link, conn, ssl=self.ssl_context,
-                ssl_handshake_timeout=self.config.handshake_timeout,
+                ssl_handshake_timeout=max(0.001, deadline - loop.time()),
             )  # fmt: skip
         except (OSError, TimeoutError) as exc:
             log(logger, logging.WARNING, "link.handshake_failed", peer=peer,
@@ -198,3 +210,28 @@ class Server:
         for task in list(self._tasks):
             task.cancel()
         log(logger, logging.INFO, "server.stopped")
+
+
+async def _first_byte_arrives(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bool:
+    """Wait until ``conn`` is readable; True if data waits, False if the peer closed unheard.
+
+    The byte is only peeked at, so the TLS handshake still reads the whole ClientHello.
+    """
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    fd = conn.fileno()
+    loop.add_reader(fd, wake)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return True  # readable yet nothing to read: let the handshake decide
+    except ConnectionResetError:
+        return False  # reset before a byte: a probe that aborts instead of closing
