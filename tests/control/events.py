@@ -77,3 +77,32 @@ def body_of(response: dict[str, Any]) -> dict[str, Any]:
     decoded = json.loads(response["body"])
     assert isinstance(decoded, dict)
     return decoded
+
+
+def http_api_event(
+    method: str, path: str, *, headers: dict[str, str] | None = None, body: str | None = None
+) -> dict[str, Any]:
+    """An API Gateway HTTP API event (payload format 2.0): method under requestContext.http."""
+    return {
+        "version": "2.0",
+        "routeKey": f"{method} {path}",
+        "rawPath": path,
+        "rawQueryString": "",
+        "headers": {"user-agent": "fluidity-agent", **(headers or {})},
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "abc123",
+            "http": {
+                "method": method,
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "203.0.113.7",
+                "userAgent": "fluidity-agent",
+            },
+            "requestId": "JKJaXmPLvHcESHA=",
+            "routeKey": f"{method} {path}",
+            "stage": "$default",
+        },
+        "body": body,
+        "isBase64Encoded": False,
+    }

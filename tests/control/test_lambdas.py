@@ -11,7 +11,7 @@ from fluidity.control import lambdas
 from tests.awsfixtures import EcsScheduler, FargateService, aws_client
 
 from .conftest import API_KEY, desired_count
-from .events import api_event, body_of, scheduled_event
+from .events import api_event, body_of, http_api_event, scheduled_event
 
 KEY = API_KEY
 
@@ -104,6 +104,75 @@ def test_api_key_can_come_from_secrets_manager(
     assert status == 200
 
 
+def test_an_unreadable_api_key_secret_is_a_502_and_changes_nothing(
+    service: FargateService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("API_KEY")
+    missing = "arn:aws:secretsmanager:us-east-1:123456789012:secret:fluidity/no-such-key-AbCdEf"
+    monkeypatch.setenv("API_KEY_SECRET_ARN", missing)
+    status, body = call(lambdas.wake_handler, api_event("POST", "/wake", headers=AUTH))
+    assert (status, body["error"]) == (502, "backend_error")
+    assert "cannot read the API key secret" in body["reason"]
+    assert desired_count(service) == 0  # fails closed: no key, no wake
+
+
+def test_http_api_payload_2_events_are_answered_too(service: FargateService) -> None:
+    status, body = call(lambdas.wake_handler, http_api_event("POST", "/wake", headers=AUTH))
+    assert (status, body["state"], body["changed"]) == (200, "starting", True)
+    status, body = call(lambdas.status_handler, http_api_event("GET", "/status"))
+    assert (status, body["error"]) == (403, "forbidden")
+    status, body = call(lambdas.status_handler, http_api_event("POST", "/status", headers=AUTH))
+    assert (status, body["error"]) == (405, "method_not_allowed")
+    assert desired_count(service) == 1
+
+
+def test_each_decision_is_one_json_log_line_with_its_evidence(service: FargateService) -> None:
+    """As deployed (AWS_LAMBDA_FUNCTION_NAME set): JSON lines on stderr, no key in them."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    call(lambdas.wake_handler, api_event("POST", "/wake", headers=AUTH))
+    EcsScheduler(service.endpoint, service).reconcile()
+    seen = time.time() - 5
+    aws_client("cloudwatch", service.endpoint).put_metric_data(
+        Namespace="Fluidity",
+        MetricData=[
+            {"MetricName": "LastActivityEpochSeconds", "Value": seen, "Unit": "Seconds",
+             "Dimensions": [{"Name": "ClusterName", "Value": service.cluster},
+                            {"Name": "ServiceName", "Value": service.service}]}
+        ],
+    )  # fmt: skip
+    script = (
+        "import json, sys, time\n"
+        "from fluidity.control import lambdas\n"
+        "event = json.loads(sys.argv[1])\n"
+        "lambdas.status_handler(json.loads(sys.argv[2]), None)\n"
+        "lambdas.clock = lambda: time.time() + 1200  # twenty minutes later\n"
+        "print(json.dumps(lambdas.sleep_handler(event, None)))\n"
+    )
+    status_event = api_event("GET", "/status", headers=AUTH)
+    env = {**os.environ, "AWS_LAMBDA_FUNCTION_NAME": "fluidity-sleep"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(scheduled_event()), json.dumps(status_event)],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert body_of(json.loads(done.stdout))["action"] == "scaled_down"
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    [decision] = [line for line in lines if line["event"] == "control.sleep"]
+    assert decision["level"] == "info"
+    assert decision["action"] == "scaled_down"
+    assert decision["last_activity"] == pytest.approx(seen, abs=1)
+    assert decision["idle_seconds"] == pytest.approx(1205, abs=10)
+    assert decision["threshold_seconds"] == 900.0
+    assert "idle" in decision["reason"]
+    responses = [line["status"] for line in lines if line["event"] == "lambda.response"]
+    assert responses == [200, 200]
+    assert KEY not in done.stderr
+    assert desired_count(service) == 0
+
+
 def test_release_stops_the_service_only_without_other_active_agents(
     service: FargateService,
 ) -> None:
@@ -152,6 +221,12 @@ MALFORMED = [
     ("body not a string", {"httpMethod": "POST", "headers": {}, "body": {"mode": "kill"}}, "body"),
     ("bad base64", {"httpMethod": "POST", "headers": {}, "body": "%%%", "isBase64Encoded": True},
      "base64"),
+    ("HTTP API event, requestContext not an object", {"version": "2.0", "requestContext": "x"},
+     "requestContext must be an object"),
+    ("HTTP API event, http not an object", {"version": "2.0", "requestContext": {"http": []}},
+     "requestContext.http must be an object"),
+    ("HTTP API event without a method", {"version": "2.0", "requestContext": {"http": {}}},
+     "httpMethod"),
 ]  # fmt: skip
 
 
@@ -207,9 +282,15 @@ def test_misconfiguration_is_a_500_that_names_every_problem(
     monkeypatch.delenv("CLUSTER_NAME")
     monkeypatch.setenv("IDLE_THRESHOLD", "soon")
     monkeypatch.setenv("METRIC_LOOKBACK", "30s")
+    monkeypatch.setenv("METRIC_NAMESPACE", "AWS/ECS")
     status, body = call(lambdas.sleep_handler, scheduled_event())
     assert (status, body["error"]) == (500, "misconfigured")
-    for part in ("CLUSTER_NAME is not set", "IDLE_THRESHOLD='soon'", "METRIC_LOOKBACK must be"):
+    for part in (
+        "CLUSTER_NAME is not set",
+        "IDLE_THRESHOLD='soon'",
+        "METRIC_LOOKBACK must be",
+        "METRIC_NAMESPACE='AWS/ECS'",
+    ):
         assert part in body["reason"]
 
 

@@ -216,7 +216,12 @@ async def test_one_agent_leaving_does_not_stop_a_server_another_agent_uses(
 
 async def test_wrong_api_key_gets_403_and_changes_nothing(pki: PkiPaths, tmp_path: Path) -> None:
     async with HttpOrigin() as origin, control_plane(pki, tmp_path) as plane:
-        for method, path in (("POST", "/wake"), ("POST", "/kill"), ("GET", "/status")):
+        for method, path in (
+            ("POST", "/wake"),
+            ("POST", "/sleep"),
+            ("POST", "/kill"),
+            ("GET", "/status"),
+        ):
             for key in ("wrong", None, KEY + "x"):
                 status, body = await control_call(plane, method, path, key)
                 assert (status, body["error"]) == (403, "forbidden")
@@ -234,6 +239,14 @@ async def test_wrong_api_key_gets_403_and_changes_nothing(pki: PkiPaths, tmp_pat
             assert b"lifecycle.api_key" in body
         assert plane.status()["state"] == "stopped"
         assert plane.backend.starts == 0
+
+
+def test_the_control_api_refuses_to_run_without_a_key() -> None:
+    from fluidity.errors import ConfigError
+
+    config = ControlConfig(api_key=None, listen_port=0, daily_kill_time="")
+    with pytest.raises(ConfigError, match="needs a shared key"):
+        ControlPlane.from_config(config, backend=LocalBackend(["true"]))
 
 
 async def test_requests_while_the_server_wakes_get_503_not_a_hang(

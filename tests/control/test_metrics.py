@@ -222,6 +222,77 @@ async def test_admin_endpoint_serves_prometheus_text_and_json_status(pki: PkiPat
             await admin.close()
 
 
+async def test_connect_and_websocket_traffic_count_as_activity_keepalive_pings_do_not(
+    pki: PkiPaths,
+) -> None:
+    from websockets.asyncio.client import connect
+
+    from fluidity.agent.app import Agent
+    from fluidity.config import AgentConfig
+    from tests.integration.origins import WebSocketEchoOrigin
+    from tests.integration.stack import tunnel_config
+
+    async with (
+        running_server(pki) as server,
+        tcp_server(echo_handler) as echo_port,
+        WebSocketEchoOrigin() as ws_origin,
+    ):
+        metrics = ServerMetrics(server.stats, lambda: server.links)
+        config = AgentConfig(
+            server_ip="127.0.0.1",
+            server_port=server.port,
+            local_proxy_port=0,
+            cert_file=pki.client_cert,
+            key_file=pki.client_key,
+            ca_cert_file=pki.ca_cert,
+            tunnel=tunnel_config(keepalive_interval=0.05),
+        )
+        agent = Agent(config)
+        await agent.start()
+        try:
+            # Connected and answering PINGs: idle.
+            for _ in range(200):  # bounded: about 10 s
+                if any(link.rtt_ms is not None for link in agent.tunnel.links):
+                    break
+                await asyncio.sleep(0.05)
+            assert any(link.rtt_ms is not None for link in agent.tunnel.links), "no PONG yet"
+            idle = metrics.status()
+            assert (idle["active_connections"], idle["streams_opened"]) == (1, 0)
+            assert (idle["last_activity"], idle["agents"]) == (None, {})
+
+            # A CONNECT tunnel is a stream: activity, dated, and this agent's.
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.proxy_port)
+            target = f"127.0.0.1:{echo_port}"
+            writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            writer.write(b"hello")
+            assert await reader.readexactly(5) == b"hello"
+            writer.close()
+            after_connect = metrics.status()
+            assert after_connect["streams_opened"] == 1
+            assert after_connect["last_activity"] is not None
+            assert list(after_connect["agents"]) == [AGENT]
+
+            # A WebSocket (the websockets client through the proxy): messages on the open
+            # stream move the activity time on, with no new stream.
+            proxy = f"http://127.0.0.1:{agent.proxy_port}"
+            async with connect(ws_origin.uri("/"), proxy=proxy) as ws:
+                await ws.send("first")
+                assert await ws.recv() == "first"
+                first = metrics.status()
+                await asyncio.sleep(0.05)
+                await ws.send("second")
+                assert await ws.recv() == "second"
+                second = metrics.status()
+            assert first["streams_opened"] == second["streams_opened"] == 2
+            assert second["bytes_in"] > first["bytes_in"] > after_connect["bytes_in"]
+            assert second["last_activity"] > first["last_activity"]
+            assert second["agents"][AGENT] > first["agents"][AGENT]
+        finally:
+            await agent.stop(grace=0)
+
+
 def test_server_process_publishes_metrics_when_emit_metrics_is_on(
     pki: PkiPaths, service: FargateService, tmp_path: Path
 ) -> None:

@@ -43,6 +43,7 @@ logger = logging.getLogger("fluidity.control")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9 .\-_/#:]{1,255}$")  # what CloudWatch accepts
 SECRET_TTL = 300.0
 """Seconds a warm function keeps the key read from Secrets Manager before reading it again."""
 _JSON = {"content-type": "application/json"}
@@ -105,6 +106,12 @@ class Settings:
         cluster = name("CLUSTER_NAME")
         service = name("SERVICE_NAME")
         namespace = env.get("METRIC_NAMESPACE", "").strip() or "Fluidity"
+        if not _NAMESPACE.match(namespace) or namespace.startswith("AWS/"):
+            problems.append(
+                f"METRIC_NAMESPACE={namespace[:40]!r}: up to 255 of letters, digits, space and "
+                ". - _ / # : (not starting with AWS/); it must match the server's "
+                "metrics_namespace"
+            )
         policy = Policy(
             idle_threshold=duration("IDLE_THRESHOLD", "15m", 60.0),
             startup_grace=duration("STARTUP_GRACE", "5m"),
@@ -283,9 +290,16 @@ def _strings(value: Any, what: str) -> dict[str, str]:
     return value
 
 
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be an object")
+    return value
+
+
 def _request(event: dict[str, Any]) -> Request:
     if event.get("version") == "2.0":
-        method = event.get("requestContext", {}).get("http", {}).get("method")
+        context = _object(event.get("requestContext"), "requestContext")
+        method = _object(context.get("http"), "requestContext.http").get("method")
     else:
         method = event.get("httpMethod")
     if not isinstance(method, str) or not method:
