@@ -7,6 +7,8 @@ targets on 127.0.0.1 are dialled. ``behaviour`` makes it misbehave the ways real
 - ``"normal"``: authenticate with ``schemes``, then tunnel;
 - ``"close_after_407"``: like normal, but every 407 carries ``Connection: close`` and the
   connection is closed (connection-based NTLM can never finish: a 407 loop);
+- ``"drop_after_407"``: like normal, but close the connection after each 407 without saying so
+  (no ``Connection: close``: the client finds out when it sends the next request);
 - ``"close_mid_handshake"``: read the CONNECT and close without answering;
 - ``"forbidden"``: answer 403 to every CONNECT;
 - ``"garbage"``: answer with bytes that are not HTTP.
@@ -128,7 +130,7 @@ class CorporateProxy:
                     headers = [*headers, ("Connection", "close")]
                 writer.write(self._send(conn, 407, headers))
                 await writer.drain()
-                if close or conn.our_state is not h11.DONE:
+                if close or self.behaviour == "drop_after_407" or conn.our_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
                 continue

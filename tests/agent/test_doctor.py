@@ -138,6 +138,21 @@ async def test_missing_and_mismatched_certificates_fail(pki: PkiPaths, tmp_path:
     assert f"{other.ca_cert} did not sign {pki.client_cert}" in doctor.results[-1].detail
 
 
+async def test_unreadable_certificates_skip_tls_and_ping_but_keep_the_report_whole(
+    pki: PkiPaths, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, pki, 9).read_text()
+    path = tmp_path / "nokey.yaml"
+    path.write_text(config.replace(str(pki.client_key), str(tmp_path / "missing.key")))
+    results = await Doctor(path, timeout=1).run()
+    assert [c.name for c in results] == ORDER
+    found = {c.name: c for c in results}
+    assert found["certificates"].status == FAIL and found["certificates"].hint
+    assert found["TLS"].status == SKIP and "certificates" in found["TLS"].detail
+    assert found["PING"].status == SKIP
+    assert render(results).endswith("check(s) failed")
+
+
 async def test_a_certificate_close_to_expiry_is_a_warning_not_a_failure(tmp_path: Path) -> None:
     short = init_pki(tmp_path / "short", leaf_days=10)
     async with running_server(short) as server:

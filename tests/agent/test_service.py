@@ -124,3 +124,32 @@ def test_systemd_accepts_the_unit(config: Path, tmp_path: Path, scope: str) -> N
     )
     assert checked.returncode == 0, checked.stderr
     assert str(unit) not in checked.stdout + checked.stderr  # no warning about our file
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_paths_with_spaces_percent_and_dollar_survive_systemds_parsing(tmp_path: Path) -> None:
+    workdir = tmp_path / "work dir 100%"
+    configs = tmp_path / "cfg $HOME"
+    workdir.mkdir()
+    configs.mkdir()
+    config = configs / "agent 5%.yaml"
+    config.write_text("server_ip: 203.0.113.7\n")
+    units = tmp_path / "units"
+    args = ["--config", str(config), "--workdir", str(workdir), "--unit-dir", str(units)]
+    assert cli.main(["service", "install", *args]) == 0
+    unit = units / "fluidity-agent.service"
+    lines = unit.read_text().splitlines()
+    # Path settings are not unquoted by systemd (quotes would make the path "not absolute"):
+    # only the % specifier needs escaping. ExecStart words are quoted, with $ and % escaped.
+    assert f"WorkingDirectory={str(workdir).replace('%', '%%')}" in lines
+    quoted = str(config).replace("%", "%%").replace("$", "$$")
+    assert f'ExecStart={sys.executable} -m fluidity agent --config "{quoted}"' in lines
+    checked = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert str(unit) not in checked.stdout + checked.stderr

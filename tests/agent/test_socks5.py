@@ -141,6 +141,37 @@ async def test_unsupported_commands_and_bad_input_are_answered_and_closed(pki: P
     assert ok.returncode == 0 and ok.json()["target"] == "/after"
 
 
+async def test_lengths_that_promise_more_than_the_client_sends_end_in_a_clean_close(
+    pki: PkiPaths,
+) -> None:
+    async with (
+        HttpOrigin() as origin,
+        running_server(pki) as server,
+        running_agent(pki, server.port, proxy_auth=USERS) as agent,
+    ):
+        port = agent.proxy_port
+        login = b"\x05\x01\x02"
+        # 200 methods announced, 2 sent; a user name of 50 bytes announced, 5 sent; a domain of
+        # 40 bytes announced, 4 sent: each then closes its side.
+        methods = await socks_exchange(port, b"\x05\xc8\x00\x02", expect=2, eof=True)
+        short_user = await socks_exchange(port, login, b"\x01\x32alice", expect=4, eof=True)
+        short_name = await socks_exchange(
+            port, login, b"\x01\x05alice\x06s3cret", b"\x05\x01\x00\x03\x28exam", expect=6,
+            eof=True,
+        )  # fmt: skip
+        ok = await curl("-sS", "-x", f"socks5h://alice:s3cret@127.0.0.1:{port}", origin.url("/ok"))
+        socks = agent.clients.socks
+        assert socks is not None
+        while socks.active_connections:  # bounded by the test timeout
+            await asyncio.sleep(0.01)
+        assert agent.clients.auth.failures == 0 and socks.open_failures == 0
+    assert methods == b""  # nothing answered before the greeting is complete
+    assert short_user == b"\x05\x02"  # method chosen, login never complete
+    assert short_name == b"\x05\x02\x01\x00"  # logged in, request never complete
+    assert ok.returncode == 0 and ok.json()["target"] == "/ok"
+    assert [r.target for r in origin.requests] == ["/ok"]
+
+
 async def test_a_silent_socks_client_is_closed_after_the_handshake_timeout(pki: PkiPaths) -> None:
     async with (
         running_server(pki) as server,

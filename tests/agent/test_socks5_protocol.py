@@ -140,6 +140,24 @@ def test_a_truncated_request_waits_for_more() -> None:
     assert handshake.receive_data(b"\xbb") == ConnectRequest("example.com", 443)
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x05\x03\x00\x02",  # three methods announced, two sent
+        GREETING_USERPASS + b"\x01\x05ali",  # a 5-byte user name cut short
+        GREETING_USERPASS + b"\x01\x05alice\x06s3c",  # a 6-byte password cut short
+        GREETING_USERPASS + login(b"alice", b"s3cret") + b"\x05\x01\x00\x04\x00\x00",  # IPv6
+        GREETING_USERPASS + login(b"alice", b"s3cret") + b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00",
+    ],
+)
+def test_a_message_shorter_than_its_lengths_say_waits_without_answering_it(data: bytes) -> None:
+    handshake = Socks5Handshake(check)
+    assert handshake.receive_data(data) is None
+    assert handshake.username in (None, "alice")
+    assert not handshake.data_to_send().endswith(SUCCESS_REPLY)
+    assert handshake.trailing_data == b""
+
+
 def test_reply_is_only_valid_after_a_request() -> None:
     with pytest.raises(RuntimeError):
         Socks5Handshake().reply(Reply.SUCCEEDED)

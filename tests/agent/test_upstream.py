@@ -175,6 +175,21 @@ async def test_a_407_loop_is_bounded_and_explained(ntlm_users: Path) -> None:
     assert proxy.connect_requests == 5
 
 
+@pytest.mark.parametrize(("scheme", "user"), [("Basic", "alice"), ("NTLM", "CORP%5Calice")])
+async def test_a_proxy_that_drops_the_connection_after_its_407_is_explained(
+    ntlm_users: Path, scheme: str, user: str
+) -> None:
+    # The 407 announces a kept-alive connection, then the proxy closes it: the next request
+    # meets a closed (or reset) socket, which must read as the proxy closing, not as an errno.
+    async with CorporateProxy([scheme], behaviour="drop_after_407") as proxy:
+        endpoint = parse_proxy_url(f"http://{user}:s3cret@127.0.0.1:{proxy.port}", "t")
+        with pytest.raises(UpstreamError) as caught:
+            await UpstreamConnector("127.0.0.1", 9, proxy=endpoint)()
+    message = str(caught.value)
+    assert f"upstream proxy {endpoint.address} closed the connection during CONNECT" in message
+    assert proxy.connect_requests == 1
+
+
 async def test_basic_credentials_refused_again_and_again_end_at_once() -> None:
     async with CorporateProxy(["Basic"], basic_users={}) as proxy:
         endpoint = parse_proxy_url(f"http://bob:pw@127.0.0.1:{proxy.port}", "upstream_proxy")

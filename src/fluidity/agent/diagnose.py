@@ -74,7 +74,11 @@ class Doctor:
         connector = upstream_connector(config, self.environ)
         await self.check_server_address(config, proxied=connector is not None)
         await self.check_upstream(config, connector)
-        tls_ok = certs_ok and await self.check_tls(config, connector)
+        if certs_ok:
+            tls_ok = await self.check_tls(config, connector)
+        else:
+            tls_ok = False
+            self.add("TLS", SKIP, "needs readable, matching, valid certificates")
         if tls_ok:
             await self.check_ping(config, connector)
         else:

@@ -232,11 +232,13 @@ class UpstreamConnector:
         if auth is not None:
             headers.append(("Proxy-Authorization", auth))
         request = h11.Request(method="CONNECT", target=self.target, headers=headers)
-        await loop.sock_sendall(sock, conn.send(request) + conn.send(h11.EndOfMessage()))
         response: h11.Response | None = None
         body = 0
         eof = False
         try:
+            # Inside the try: a proxy that closed a kept-alive connection after its 407 can
+            # make the send fail (EPIPE, reset), which is the same "closed during CONNECT".
+            await loop.sock_sendall(sock, conn.send(request) + conn.send(h11.EndOfMessage()))
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:

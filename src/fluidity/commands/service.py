@@ -32,11 +32,22 @@ def user_unit_dir(environ: dict[str, str] | None = None) -> Path:
 
 
 def _quote(value: str) -> str:
-    """Quote one ExecStart word the way systemd reads it (double quotes, backslash escapes)."""
+    """Quote one ExecStart word the way systemd reads it: double quotes with backslash escapes,
+    ``%%`` for a literal ``%`` (specifiers) and ``$$`` for a literal ``$`` (variables)."""
     if value and all(c.isalnum() or c in "/._-:=@+," for c in value):
         return value
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = escaped.replace("%", "%%").replace("$", "$$")
     return f'"{escaped}"'
+
+
+def _path_setting(path: Path) -> str:
+    """An absolute path as the value of a path setting (``WorkingDirectory=``): systemd takes it
+    unquoted (quotes would make it "not absolute"), expanding only ``%`` specifiers."""
+    text = str(path)
+    if "\n" in text:
+        raise FluidityError(f"{text!r}: a systemd unit cannot name a path with a line break")
+    return text.replace("%", "%%")
 
 
 def render_unit(
@@ -65,7 +76,7 @@ Wants=network-online.target
 
 [Service]
 Type=simple
-{user}WorkingDirectory={_quote(str(workdir))}
+{user}WorkingDirectory={_path_setting(workdir)}
 ExecStart={command}
 Environment=PYTHONUNBUFFERED=1
 Restart=on-failure
