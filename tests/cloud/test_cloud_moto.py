@@ -37,6 +37,7 @@ import pytest
 from rich.console import Console
 
 from fluidity.cloud.aws import AwsError, AwsTarget
+from fluidity.cloud.logs import tail
 from fluidity.cloud.service import ServiceRef, status
 from fluidity.cloud.stacks import StackDeployer
 from tests.awsfixtures import EcsScheduler, FargateService, aws_client, create_fargate_service
@@ -292,6 +293,40 @@ def test_logs_prints_the_servers_events(deployed: Deployed) -> None:
     lines = proc.stdout.splitlines()
     assert [line.split(" ", 1)[1] for line in lines] == ["server.listening", "link.up peer=x"]
     assert lines[0].startswith(datetime.now(tz=UTC).strftime("%Y-%m-%dT"))
+
+
+class PagedLogs:
+    """FilterLogEvents as CloudWatch Logs answers a scan of many streams: a page with no events
+    can still carry a nextToken (moto always fills its pages, so it cannot show this)."""
+
+    def __init__(self) -> None:
+        first = {"eventId": "1", "timestamp": 1_000, "message": "first"}
+        second = {"eventId": "2", "timestamp": 2_000, "message": "second"}
+        self.pages: list[dict[str, Any]] = [
+            {"events": [first], "nextToken": "a"},
+            {"events": [], "nextToken": "b"},
+            {"events": [second]},
+        ]
+        self.tokens: list[str | None] = []
+
+    def filter_log_events(self, **kwargs: Any) -> dict[str, Any]:
+        self.tokens.append(kwargs.get("nextToken"))
+        return self.pages[len(self.tokens) - 1]
+
+
+def test_logs_reads_past_an_empty_page_that_has_a_next_token() -> None:
+    logs = PagedLogs()
+
+    class Target(AwsTarget):
+        def client(self, service: str) -> Any:
+            assert service == "logs"
+            return logs
+
+    lines: list[str] = []
+    printed = tail(Target(region="us-east-1"), "/fluidity/server", 3600, lines.append)
+    assert printed == 2
+    assert [line.split(" ", 1)[1] for line in lines] == ["first", "second"]
+    assert logs.tokens == [None, "a", "b"]
 
 
 @pytest.fixture

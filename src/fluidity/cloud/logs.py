@@ -36,8 +36,10 @@ def log_events(
         with aws_errors(f"reading log group {log_group}"):
             page = logs.filter_log_events(**kwargs)
         yield from page.get("events", [])
+        # FilterLogEvents may return an empty page that still carries a nextToken (it searches
+        # streams in batches): only a missing token means the end.
         token = page.get("nextToken")
-        if not token or not page.get("events"):
+        if not token:
             return
 
 
