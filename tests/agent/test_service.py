@@ -108,13 +108,8 @@ def test_a_missing_config_file_is_explained(
     assert code == 2 and "not found: the service needs one" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-@pytest.mark.parametrize("scope", ["--user", "--system"])
-def test_systemd_accepts_the_unit(config: Path, tmp_path: Path, scope: str) -> None:
-    units = tmp_path / "units"
-    args = ["service", "install", scope, "--config", str(config), "--unit-dir", str(units)]
-    assert cli.main([*args, "--run-as", "root"]) == 0
-    unit = units / "fluidity-agent.service"
+def _assert_systemd_accepts(unit: Path) -> None:
+    """``systemd-analyze verify`` passes the unit and prints no warning about it."""
     checked = subprocess.run(
         ["systemd-analyze", "verify", str(unit)],
         check=False,
@@ -123,7 +118,17 @@ def test_systemd_accepts_the_unit(config: Path, tmp_path: Path, scope: str) -> N
         timeout=30,
     )
     assert checked.returncode == 0, checked.stderr
-    assert str(unit) not in checked.stdout + checked.stderr  # no warning about our file
+    assert str(unit) not in checked.stdout + checked.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize("scope", ["--user", "--system"])
+def test_systemd_accepts_the_unit(config: Path, tmp_path: Path, scope: str) -> None:
+    units = tmp_path / "units"
+    args = ["service", "install", scope, "--config", str(config), "--unit-dir", str(units)]
+    assert cli.main([*args, "--run-as", "root"]) == 0
+    unit = units / "fluidity-agent.service"
+    _assert_systemd_accepts(unit)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
@@ -144,12 +149,4 @@ def test_paths_with_spaces_percent_and_dollar_survive_systemds_parsing(tmp_path:
     assert f"WorkingDirectory={str(workdir).replace('%', '%%')}" in lines
     quoted = str(config).replace("%", "%%").replace("$", "$$")
     assert f'ExecStart={sys.executable} -m fluidity agent --config "{quoted}"' in lines
-    checked = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert checked.returncode == 0, checked.stderr
-    assert str(unit) not in checked.stdout + checked.stderr
+    _assert_systemd_accepts(unit)
