@@ -1,9 +1,13 @@
 """One request/response exchange between a client connection and an upstream stream.
 
 The request head is already on its way; this streams the request body to the origin while the
-response comes back (so ``100 Continue`` and early answers work), relaying every response event
-through the client's h11 connection. Memory: one ``read_chunk`` from the client and one stream
-read in flight, each followed by a drain before the next.
+response comes back (so ``100 Continue`` and early answers work), relaying every response event to
+the client, re-framed where the client needs it. Memory: one ``read_chunk`` from the client and
+one stream read in flight, each followed by a drain before the next.
+
+Framing towards the client: a body with a Content-Length is passed through as is; a chunked or
+read-until-close body goes to an HTTP/1.1 client chunked, and to an HTTP/1.0 client delimited by
+closing the connection. Trailer fields are dropped.
 """
 
 from __future__ import annotations
@@ -12,14 +16,26 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-import h11
-
+from fluidity.agent.http_codec import (
+    CLOSED,
+    END,
+    LAST_CHUNK,
+    NEED_DATA,
+    ProtocolError,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+    chunk,
+    response_head,
+)
 from fluidity.agent.http_messages import (
     downstream_response_headers,
     failure_status,
     failure_text,
 )
 from fluidity.agent.streams import StreamOpenError, TunnelStream
+
+_BODILESS_STATUSES = frozenset({204, 304})
 
 
 class AbortExchangeError(Exception):
@@ -38,61 +54,70 @@ class UpstreamError(Exception):
 
 @dataclass(slots=True)
 class Upstream:
-    """A stream to an origin and the h11 client connection that frames HTTP on it."""
+    """A stream to an origin and the reader of the responses that come back on it."""
 
     key: tuple[str, int]
     display: str  # host:port, for messages
     stream: TunnelStream
-    conn: h11.Connection
-
-    def send(self, event: h11.Event) -> None:
-        """Serialise ``event`` with h11 and write it to the stream (no drain)."""
-        pieces = self.conn.send_with_data_passthrough(event)
-        if pieces:
-            # One write per event: chunked framing gives [size line, data, CRLF], and tiny writes
-            # would become tiny frames on the tunnel.
-            self.stream.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+    reader: ResponseReader
+    #: False while a request body is still being sent.
+    request_sent: bool = True
 
     def reusable_for(self, key: tuple[str, int]) -> bool:
         """True if the next request to ``key`` can go over this connection."""
-        return (
-            self.key == key
-            and self.conn.our_state is h11.IDLE
-            and self.conn.their_state is h11.IDLE
-        )
+        return self.key == key and self.request_sent and self.reader.clean_for_reuse()
 
-    def finish(self) -> bool:
-        """After an exchange: prepare for the next request; False if the origin cannot reuse it."""
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
-            return True
-        return False
+
+@dataclass(slots=True)
+class ClientSide:
+    """What the exchange needs to know about the client and its request."""
+
+    reader: RequestReader
+    stream_reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    #: The client speaks HTTP/1.1 (an HTTP/1.0 client gets no chunked framing, no 1xx).
+    http_11: bool
+    #: The client may send another request after this one.
+    keep_alive: bool
+    #: The request was a HEAD: the response has no body whatever its headers say.
+    head_request: bool
+
+
+@dataclass(slots=True)
+class ExchangeResult:
+    """How an exchange ended."""
+
+    #: The origin's ``101`` when an upgrade was requested and granted (not yet sent on).
+    switch: ResponseHead | None = None
+    #: The response went out complete and framed, and the client may send another request.
+    client_reusable: bool = False
+    #: The whole request body was read from the client (always True without a body).
+    request_read: bool = True
 
 
 async def exchange(
     upstream: Upstream,
-    client: h11.Connection,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    client: ClientSide,
     *,
-    has_body: bool,
+    body_chunked: bool | None,
     upgrade: bool,
     read_chunk: int,
     body_timeout: float,
-) -> h11.InformationalResponse | None:
+) -> ExchangeResult:
     """Relay the origin's response to the client, uploading the request body concurrently.
 
-    Returns the origin's ``101`` when ``upgrade`` was requested and granted (nothing has been sent
-    to the client for it yet), else ``None`` once the response is complete; the request body may
-    still be unread if the origin answered early. ``body_timeout`` (seconds) bounds each wait for
-    request-body bytes. Raises :class:`UpstreamError`, :class:`AbortExchangeError`, or the client
-    side's ``OSError`` / ``TimeoutError`` / ``h11.RemoteProtocolError``.
+    ``body_chunked`` is ``None`` for a request without a body, else whether the body goes to the
+    origin chunked (False: with its Content-Length). The request body may still be unread when
+    the origin answered early (``request_read`` False). ``body_timeout`` (seconds) bounds each
+    wait for request-body bytes. Raises :class:`UpstreamError`, :class:`AbortExchangeError`, or
+    the client side's ``OSError`` / ``TimeoutError`` / :class:`ProtocolError`.
     """
-    relay = _relay_response(upstream, client, writer, upgrade=upgrade)
-    if not has_body:
+    relay = _relay_response(upstream, client, upgrade=upgrade)
+    if body_chunked is None:
         return await relay
+    upstream.request_sent = False
     upload = asyncio.ensure_future(
-        _upload(upstream, client, reader, read_chunk=read_chunk, timeout=body_timeout)
+        _upload(upstream, client, chunked=body_chunked, read_chunk=read_chunk, timeout=body_timeout)
     )
     response = asyncio.ensure_future(relay)
     try:
@@ -101,7 +126,9 @@ async def exchange(
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if upload in done and upload.exception() is not None:
                 upload.result()  # the client side failed: raise its error
-        return response.result()
+        result = response.result()
+        result.request_read = upload.done() and not upload.cancelled() and upload.result()
+        return result
     finally:
         upload.cancel()
         response.cancel()
@@ -109,100 +136,118 @@ async def exchange(
 
 
 async def _upload(
-    upstream: Upstream,
-    client: h11.Connection,
-    reader: asyncio.StreamReader,
-    *,
-    read_chunk: int,
-    timeout: float,
-) -> None:
-    """Stream the request body to the origin, chunk by chunk (trailers are dropped)."""
-    stream = upstream.stream
+    upstream: Upstream, client: ClientSide, *, chunked: bool, read_chunk: int, timeout: float
+) -> bool:
+    """Stream the request body to the origin; True once it was read and sent whole."""
+    stream, reader = upstream.stream, client.reader
     while True:
-        event = client.next_event()
-        if event is h11.NEED_DATA:
+        event = reader.next_event()
+        if event is NEED_DATA:
             async with asyncio.timeout(timeout):
-                client.receive_data(await reader.read(read_chunk))
-        elif type(event) is h11.Data:
-            upstream.send(event)
+                data = await client.stream_reader.read(read_chunk)
+            if data:
+                reader.receive_data(data)
+            else:
+                reader.receive_eof()
+        elif type(event) is bytes:
+            if not event:
+                continue
+            # One write per piece: tiny writes would become tiny frames on the tunnel.
+            stream.write(b"".join(chunk(event)) if chunked else event)
             try:
                 await stream.drain()
             except StreamOpenError:
-                return  # the response side sees the same failure and reports it
-        elif type(event) is h11.EndOfMessage:
-            upstream.send(h11.EndOfMessage())
-            return
+                return False  # the response side sees the same failure and reports it
+        elif event is END:
+            if chunked:
+                stream.write(LAST_CHUNK)  # the client's trailer fields are dropped
+            upstream.request_sent = True
+            return True
         else:
-            raise AbortExchangeError(f"unexpected {type(event).__name__} in a request body")
+            raise AbortExchangeError(f"unexpected {event!r} in a request body")
 
 
 async def _relay_response(
-    upstream: Upstream,
-    client: h11.Connection,
-    writer: asyncio.StreamWriter,
-    *,
-    upgrade: bool,
-) -> h11.InformationalResponse | None:
-    origin = upstream.conn
-    received = head_sent = False
-    # What h11 produced for the client since the last stream read, written with one writelines
-    # when the next read would wait (or at the end): a small response whose head and body came in
-    # one read costs one send(2), not two. Bounded by what one stream read returns.
+    upstream: Upstream, client: ClientSide, *, upgrade: bool
+) -> ExchangeResult:
+    reader, writer = upstream.reader, client.writer
+    received = head_sent = chunked_out = False
+    reusable = client.keep_alive
+    # What goes to the client since the last stream read, written with one writelines when the
+    # next read would wait (or at the end): a small response whose head and body came in one
+    # read costs one send(2), not two. Bounded by what one stream read returns.
     out: list[bytes] = []
     try:
         while True:
-            event = origin.next_event()
-            if event is h11.NEED_DATA:
+            event = reader.next_event()
+            if type(event) is bytes:
+                if event:
+                    if chunked_out:
+                        out += chunk(event)
+                    else:
+                        out.append(event)
+            elif event is NEED_DATA:
                 if out:
                     writer.writelines(out)
                     out.clear()
                     await writer.drain()
                 data = await upstream.stream.read()
-                if not data and not received:
+                if data:
+                    received = True
+                    reader.receive_data(data)
+                elif not received:
                     text = f"fluidity: {upstream.display} closed the connection, no response\n"
                     raise UpstreamError(502, text, stale=True)
-                received = True
-                origin.receive_data(data)
-            elif type(event) is h11.Data:
-                # The origin's Data event goes to the client as is: no copy, h11 re-frames it.
-                out.extend(client.send_with_data_passthrough(event) or ())
-            elif type(event) is h11.Response:
-                headers = downstream_response_headers(event.headers.raw_items(), upgrade=False)
-                head = h11.Response(
-                    status_code=event.status_code, reason=event.reason, headers=headers
-                )
-                out.append(client.send(head))
+                else:
+                    reader.receive_eof()
+            elif type(event) is ResponseHead:
+                if event.status < 200:
+                    if event.status == 101:
+                        if upgrade:
+                            writer.writelines(out)
+                            return ExchangeResult(switch=event)
+                        raise ProtocolError("101 without an upgrade request")
+                    # 1xx (100 Continue, 103 Early Hints) mean nothing to an HTTP/1.0 client.
+                    if client.http_11:
+                        headers = downstream_response_headers(event.raw_headers, upgrade=False)
+                        out.append(response_head(event.status, event.reason, headers))
+                    continue
+                headers = downstream_response_headers(event.raw_headers, upgrade=False)
+                bodiless = client.head_request or event.status in _BODILESS_STATUSES
+                if not bodiless and (event.chunked or event.content_length is None):
+                    if client.http_11:
+                        headers.append((b"Transfer-Encoding", b"chunked"))
+                        chunked_out = True
+                    else:
+                        reusable = False  # the end of the body is the end of the connection
+                if not reusable:
+                    headers.append((b"Connection", b"close"))
+                out.append(response_head(event.status, event.reason, headers))
                 head_sent = True
-            elif type(event) is h11.EndOfMessage:
-                out.append(client.send(h11.EndOfMessage()))
+            elif event is END:
+                if chunked_out:
+                    out.append(LAST_CHUNK)
                 writer.writelines(out)
                 await writer.drain()
-                return None
-            elif type(event) is h11.InformationalResponse:
-                if event.status_code == 101:
-                    if upgrade:
-                        writer.writelines(out)
-                        return event
-                    raise h11.RemoteProtocolError("101 without an upgrade request")
-                # 1xx (100 Continue, 103 Early Hints) mean nothing to an HTTP/1.0 client.
-                if client.their_http_version == b"1.1":
-                    headers = downstream_response_headers(event.headers.raw_items(), upgrade=False)
-                    info = h11.InformationalResponse(
-                        status_code=event.status_code, reason=event.reason, headers=headers
-                    )
-                    out.append(client.send(info))
+                return ExchangeResult(client_reusable=reusable)
+            elif event is CLOSED:
+                text = f"fluidity: {upstream.display} closed the connection, no response\n"
+                raise UpstreamError(502, text, stale=False)
             else:
-                raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
+                raise ProtocolError(f"unexpected {event!r}")
     except StreamOpenError as exc:
-        writer.writelines(out)  # what h11 already counts as sent (a head, 1xx answers)
+        writer.writelines(out)  # what was already counted as sent (a head, 1xx answers)
         if head_sent:
             raise AbortExchangeError(str(exc)) from exc
         status = failure_status(exc.failure)
         text = failure_text(upstream.display, exc.failure, exc.message)
         raise UpstreamError(status, text, stale=not received) from exc
-    except h11.ProtocolError as exc:
+    except ProtocolError as exc:
         writer.writelines(out)
         if head_sent:
             raise AbortExchangeError(str(exc)) from exc
+        status = 502
         text = f"fluidity: invalid response from {upstream.display}\n"
-        raise UpstreamError(502, text, stale=False) from exc
+        if exc.status == 502:  # a limit of ours, e.g. a head too large
+            text = f"fluidity: invalid response from {upstream.display}: {exc.reason}\n"
+        raise UpstreamError(status, text, stale=False) from exc

@@ -1,7 +1,8 @@
 """HTTP/1.1 proxy rules without I/O: request targets, framing checks, hop-by-hop headers, errors.
 
-Everything here is a plain function over bytes and header lists (as h11 produces them), so the rules
-a forward proxy must get right (RFC 9110 / 9112) are unit-tested without sockets. The asyncio code
+Everything here is a plain function over bytes and header lists (as :mod:`.http_codec` produces
+them), so the rules a forward proxy must get right (RFC 9110 / 9112) are unit-tested without
+sockets. The asyncio code
 that applies them lives in :mod:`fluidity.agent.http_proxy`.
 """
 
@@ -25,7 +26,7 @@ CHUNKED = -1
 MAX_CONTENT_LENGTH = 2**63 - 1
 
 #: Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1), lowercase.
-#: Transfer-Encoding is here because h11 re-frames each side; Upgrade is re-added when upgrading.
+#: Transfer-Encoding is here because each side is framed anew; Upgrade is re-added when upgrading.
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -250,9 +251,10 @@ def upstream_request_headers(
 ) -> list[Header]:
     """Headers to send to the origin: Host from the URL, no hop-by-hop, framing restated.
 
-    ``raw_headers`` are the client's headers with their original name case (h11's ``raw_items``).
-    The client's Host is replaced by ``authority`` (RFC 9112 §3.2.2). With ``upgrade`` set, the
-    request carries ``Connection: Upgrade`` and that Upgrade value.
+    ``raw_headers`` are the client's headers with their original name case
+    (``RequestHead.raw_headers``). The client's Host is replaced by ``authority`` (RFC 9112
+    §3.2.2). With ``upgrade`` set, the request carries ``Connection: Upgrade`` and that Upgrade
+    value.
     """
     items = list(raw_headers)
     drop = HOP_BY_HOP | connection_tokens((n.lower(), v) for n, v in items)
@@ -276,7 +278,7 @@ def downstream_response_headers(raw_headers: Iterable[Header], *, upgrade: bool)
     """Headers to send to the client for an origin response: no hop-by-hop headers.
 
     Content-Length is kept (so the client sees the origin's framing) unless the origin used
-    Transfer-Encoding, in which case h11 frames the body for the client. For a 101 switching
+    Transfer-Encoding, in which case the body is framed anew for the client. For a 101 switching
     response (``upgrade``), Connection and Upgrade are kept.
     """
     items = list(raw_headers)
@@ -344,12 +346,13 @@ def reason_phrase(status: int) -> bytes:
 
 
 class HeadScanner:
-    """Enforces request-head limits on raw bytes as they arrive, before h11 parses them.
+    """Enforces request-head limits on raw bytes as they arrive, before the parser sees them.
 
-    h11 only reports "buffer too long"; this tells an over-long request line (414) from too many
+    The parser checks a head only once it is complete (and keeps a partial header field whole
+    until then); this tells an over-long request line (414) from too many
     or too large headers (431) and stops reading as soon as a limit is crossed. It follows line
-    boundaries only and stops looking once the blank line ending the head has been seen; h11 stays
-    the parser. Memory: a few integers.
+    boundaries only and stops looking once the blank line ending the head has been seen; llhttp
+    stays the parser. Memory: a few integers.
     """
 
     __slots__ = ("_done", "_headers", "_limits", "_line_len", "_request_line_done", "_total")

@@ -7,10 +7,10 @@ served by a :class:`~fluidity.agent.http_session.ClientSession`.
 
 Worst-case memory per client connection, with the defaults in brackets: the socket read buffer
 (``2 * read_chunk``: asyncio pauses reading above twice its limit), the chunk being forwarded and
-h11's copy of it (``2 * read_chunk``), the socket write buffer (``read_chunk`` plus the chunk that
-crossed it) and h11's head buffer (``max_header_bytes``): about ``6 * read_chunk +
-max_header_bytes`` [1.6 MiB]; plus, upstream, ``max_response_header_bytes`` [256 KiB] and the
-stream's own window. Bodies are never held whole.
+the parser's events made from it (``2 * read_chunk``), the socket write buffer (``read_chunk`` plus
+the chunk that crossed it) and a request head in progress (``max_header_bytes``): about
+``6 * read_chunk + max_header_bytes`` [1.6 MiB]; plus, upstream, ``max_response_header_bytes``
+[256 KiB] and the stream's own window. Bodies are never held whole.
 """
 
 from __future__ import annotations

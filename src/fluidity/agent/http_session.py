@@ -1,14 +1,15 @@
-"""One client connection of the HTTP proxy: parse requests with h11, forward them over streams.
+"""One client connection of the HTTP proxy: parse requests, forward them over streams.
 
-Requests on a connection are served one at a time (pipelined requests wait in h11's buffer). Bodies
-are streamed in both directions, chunk by chunk with a drain after each, never buffered whole.
-The upstream stream is kept between requests and reused when the next request goes to the same
-``host:port`` and the origin left the connection reusable.
+Requests on a connection are served one at a time (pipelined requests wait, parsed, in the
+reader's queue). Bodies are streamed in both directions, chunk by chunk with a drain after each,
+never buffered whole. The upstream stream is kept between requests and reused when the next
+request goes to the same ``host:port`` and the origin left the connection reusable.
 
-Keep-alive choice: the client connection stays open after a response whenever h11 can frame the
-response for the client and the client did not ask to close, even if the origin closed its side
-(a read-until-close origin response is re-framed as chunked for HTTP/1.1 clients). After CONNECT
-or a protocol upgrade the connection is raw bytes until both directions end, then it is closed.
+Keep-alive choice: the client connection stays open after a response whenever the response could
+be framed for the client and the client did not ask to close, even if the origin closed its side
+(a read-until-close origin response is re-framed as chunked for HTTP/1.1 clients). HTTP/1.0
+clients get one response per connection. After CONNECT or a protocol upgrade the connection is
+raw bytes until both directions end, then it is closed.
 """
 
 from __future__ import annotations
@@ -20,10 +21,26 @@ import socket
 import struct
 from typing import TYPE_CHECKING
 
-import h11
-
-from fluidity.agent.http_exchange import AbortExchangeError, Upstream, UpstreamError, exchange
+from fluidity.agent.http_codec import (
+    END,
+    NEED_DATA,
+    ProtocolError,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+    request_head,
+    response_head,
+)
+from fluidity.agent.http_exchange import (
+    AbortExchangeError,
+    ClientSide,
+    Upstream,
+    UpstreamError,
+    exchange,
+)
 from fluidity.agent.http_messages import (
+    CHUNKED,
     IDEMPOTENT_METHODS,
     BadRequestError,
     HeadScanner,
@@ -67,11 +84,19 @@ class ClientSession:
         self._limits = limits = proxy.limits
         self._reader = reader
         self._writer = writer
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self._requests = RequestReader(
+            limits.max_request_line, limits.max_headers, limits.max_header_bytes
+        )
         self._scanner = _head_scanner(proxy)
         self._upstream: Upstream | None = None
         self._method = b""
         self._linger = False
+        # The current request, as far as answering it goes: its body was read to the end; the
+        # client may send another request; a response to it has started going out.
+        self._request_read = False
+        self._in_body = False
+        self._keep_alive = False
+        self._responded = False
 
     async def run(self) -> None:
         """Serve requests until the client leaves, an error closes the connection, or cancel."""
@@ -79,10 +104,10 @@ class ClientSession:
             first = True
             while await self._serve_one(first):
                 first = False
-                self._conn.start_next_cycle()
+                self._requests.start_next_cycle()
             if self._linger:
                 await self._linger_close()
-        except (OSError, AbortExchangeError, StreamOpenError, h11.ProtocolError, TimeoutError):
+        except (OSError, AbortExchangeError, StreamOpenError, ProtocolError, TimeoutError):
             pass  # the client or the origin went away mid-exchange: closing is all that is left
         except Exception:
             logger.exception("http.internal_error")
@@ -93,16 +118,20 @@ class ClientSession:
     async def _serve_one(self, first: bool) -> bool:
         """Read and answer one request; return True if the connection can carry another."""
         self._method = b""
+        self._request_read = self._in_body = self._keep_alive = self._responded = False
         request = await self._read_request(first)
         if request is None:
             return False
         self._proxy.requests += 1
         self._method = request.method
+        self._keep_alive = request.keep_alive and request.http_version == "1.1"
         try:
             framing = request_body_framing(request.headers)
             has_body = framing is not None and framing != 0
-            if not has_body:
-                self._next_client_event()  # the EndOfMessage of a body-less request
+            if has_body:
+                self._in_body = True
+            else:
+                self._next_client_event()  # the end of a body-less request
             if request.method == b"CONNECT":
                 if has_body:
                     raise BadRequestError(400, "CONNECT request with a body")
@@ -124,76 +153,77 @@ class ClientSession:
 
     # -- reading request heads ---------------------------------------------------------------
 
-    async def _read_request(self, first: bool) -> h11.Request | None:
+    async def _read_request(self, first: bool) -> RequestHead | None:
         loop = asyncio.get_running_loop()
         limits = self._limits
+        requests = self._requests
         scanner = self._scanner
         scanner.reset()
         wait = limits.header_read_timeout if first else limits.idle_timeout
         deadline = loop.time() + wait
-        # Bytes pipelined behind the previous request are the start of this head.
-        buffered, _ = self._conn.trailing_data
-        if buffered:
+        if requests.started:
+            # Bytes pipelined behind the previous request are the start of this head.
             deadline = min(deadline, loop.time() + limits.header_read_timeout)
-            problem = scanner.feed(buffered)
-            if problem is not None:
-                self._refuse(problem)
-                return None
         while True:
             try:
-                event = self._conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint if exc.error_status_hint in (414, 431) else 400
-                self._refuse(BadRequestError(status, f"malformed request: {exc}"[:200]))
+                event = requests.next_event()
+            except ProtocolError as exc:
+                status = exc.status if exc.status in (414, 431) else 400
+                self._refuse(BadRequestError(status, exc.reason))
                 return None
-            if event is h11.NEED_DATA:
+            if event is NEED_DATA:
                 try:
                     async with asyncio.timeout_at(deadline):
                         data = await self._reader.read(limits.read_chunk)
                 except TimeoutError:
-                    if scanner.started:
+                    if scanner.started or requests.started:
                         self._send_error(408, "fluidity: request head not received in time\n")
                     return None
-                if data and not scanner.started:
+                if not data:
+                    requests.receive_eof()
+                    continue
+                if not scanner.started:
                     deadline = min(deadline, loop.time() + limits.header_read_timeout)
                 problem = scanner.feed(data)
                 if problem is not None:
                     self._refuse(problem)
                     return None
-                self._conn.receive_data(data)
+                requests.receive_data(data)
                 continue
-            if type(event) is h11.Request:
-                # Pipelined heads arrive through h11's buffer without passing the scanner.
-                if len(event.headers) > limits.max_headers:
-                    reason = f"more than {limits.max_headers} header fields"
-                    self._refuse(BadRequestError(431, reason))
-                    return None
+            if type(event) is RequestHead:
                 if len(event.method) + len(event.target) + 12 > limits.max_request_line:
                     self._refuse(BadRequestError(414, "request line too long"))
                     return None
                 return event
-            return None  # ConnectionClosed
+            return None  # CLOSED (or a stray event after an error)
 
     def _next_client_event(self) -> None:
-        if type(self._conn.next_event()) is not h11.EndOfMessage:
+        if self._requests.next_event() is not END:
             raise AbortExchangeError
+        self._request_read = True
+        self._in_body = False
 
     # -- plain requests ----------------------------------------------------------------------
 
-    async def _forward(self, request: h11.Request, target: Target, framing: int | None) -> bool:
+    async def _forward(self, request: RequestHead, target: Target, framing: int | None) -> bool:
         has_body = framing is not None and framing != 0
         upgrade = None if has_body else upgrade_protocols(request.headers)
         headers = upstream_request_headers(
-            request.headers.raw_items(),
+            request.raw_headers,
             authority=target.authority,
             body_framing=framing,
             upgrade=upgrade,
         )
-        try:
-            outbound = h11.Request(method=request.method, target=target.path, headers=headers)
-        except h11.LocalProtocolError as exc:
-            self._refuse(BadRequestError(400, f"cannot forward this request: {exc}"[:200]))
-            return False
+        outbound = request_head(request.method, target.path, headers)
+        head_request = request.method == b"HEAD"
+        client = ClientSide(
+            self._requests,
+            self._reader,
+            self._writer,
+            http_11=request.http_version == "1.1",
+            keep_alive=self._keep_alive,
+            head_request=head_request,
+        )
         # A reused connection may have been closed by the origin while idle; a request that can
         # be replayed (no body, idempotent) is retried once on a fresh stream.
         replayable = not has_body and request.method in IDEMPOTENT_METHODS
@@ -206,23 +236,18 @@ class ClientSession:
                     stream = await self._proxy.opener.open(target.host, target.port)
                 except StreamOpenError as exc:
                     return self._report_failure(target, exc, opening=True)
-                conn = h11.Connection(
-                    h11.CLIENT, max_incomplete_event_size=self._limits.max_response_header_bytes
-                )
-                upstream = self._upstream = Upstream(target.key, target.display, stream, conn)
+                reader = ResponseReader(self._limits.max_response_header_bytes)
+                upstream = self._upstream = Upstream(target.key, target.display, stream, reader)
+            upstream.reader.expect_response(head_only=head_request)
             # The head is written before the open result arrives: over the tunnel this saves
             # a round trip, and the stream queues it until it is open.
-            upstream.send(outbound)
-            if not has_body:
-                upstream.send(h11.EndOfMessage())
+            upstream.stream.write(outbound)
             try:
                 await upstream.stream.wait_open()
-                switch = await exchange(
+                result = await exchange(
                     upstream,
-                    self._conn,
-                    self._reader,
-                    self._writer,
-                    has_body=has_body,
+                    client,
+                    body_chunked=(framing == CHUNKED) if has_body else None,
                     upgrade=upgrade is not None,
                     read_chunk=self._limits.read_chunk,
                     body_timeout=self._limits.idle_timeout,
@@ -236,24 +261,27 @@ class ClientSession:
                     continue
                 logger.debug("http.upstream_failed target=%s status=%d", target.display, exc.status)
                 return self._send_error(exc.status, exc.text)
-            if switch is not None:
-                await self._switch_protocols(upstream, switch)
+            self._responded = True
+            if result.switch is not None:
+                await self._switch_protocols(upstream, result.switch)
                 return False
-            if not upstream.finish():
+            if not upstream.reusable_for(target.key):
                 self._drop_upstream()
-            if self._conn.their_state is not h11.DONE:
+            if has_body and result.request_read:
+                self._request_read = True
+                self._in_body = False
+            if not self._request_read:
                 self._linger = True  # early response: the rest of the body was not read
                 return False
-            return self._conn.our_state is h11.DONE
+            return result.client_reusable
         raise AssertionError("unreachable")
 
-    async def _switch_protocols(self, upstream: Upstream, event: h11.InformationalResponse) -> None:
+    async def _switch_protocols(self, upstream: Upstream, event: ResponseHead) -> None:
         """Relay the origin's 101 and carry raw bytes both ways until both sides end."""
-        headers = downstream_response_headers(event.headers.raw_items(), upgrade=True)
-        response = h11.InformationalResponse(status_code=101, reason=event.reason, headers=headers)
-        self._writer.write(self._conn.send(response))
-        client_bytes, client_eof = self._conn.trailing_data
-        origin_bytes, _ = upstream.conn.trailing_data
+        headers = downstream_response_headers(event.raw_headers, upgrade=True)
+        self._writer.write(response_head(101, event.reason, headers))
+        client_bytes, client_eof = self._requests.trailing_data
+        origin_bytes, _ = upstream.reader.trailing_data
         if origin_bytes:
             self._writer.write(origin_bytes)
         if client_bytes:
@@ -284,7 +312,8 @@ class ClientSession:
                 self._report_failure(target, exc, opening=True, close=True)
                 return
             self._writer.write(_CONNECT_OK)
-            early, client_eof = self._conn.trailing_data
+            self._responded = True
+            early, client_eof = self._requests.trailing_data
             if early:
                 stream.write(early)
             result = await pipe(
@@ -314,7 +343,7 @@ class ClientSession:
 
     # -- answers from the proxy itself -------------------------------------------------------
 
-    async def _answer_locally(self, request: h11.Request) -> bool:
+    async def _answer_locally(self, request: RequestHead) -> bool:
         handler = self._proxy.local_handler
         if handler is None:
             return self._send_error(400, f"fluidity: {_NOT_A_PROXY_REQUEST}\n")
@@ -325,10 +354,10 @@ class ClientSession:
         )
         return self._send_local(await handler(local))
 
-    def _check_access(self, request: h11.Request) -> LocalResponse | None:
+    def _check_access(self, request: RequestHead) -> LocalResponse | None:
         """The proxy's authorizer's answer: ``None`` to serve the request, else the refusal."""
         authorizer = self._proxy.authorizer
-        return None if authorizer is None else authorizer(list(request.headers))
+        return None if authorizer is None else authorizer(request.headers)
 
     def _send_local(self, answer: LocalResponse) -> bool:
         headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in answer.headers]
@@ -358,27 +387,22 @@ class ClientSession:
     def _respond(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool = False
     ) -> bool:
-        conn = self._conn
+        if self._responded:
+            return False  # a response was already under way: closing says the rest
+        self._responded = True
         # A request whose body was not read leaves bytes that are not a request head.
-        close = close or conn.their_state is not h11.DONE
-        if conn.their_state is h11.SEND_BODY:
+        close = close or not self._request_read or not self._keep_alive
+        if self._in_body:
             self._linger = True
         headers.append((b"Content-Length", str(len(body)).encode()))
         if close:
             headers.append((b"Connection", b"close"))
-        try:
-            out = [
-                conn.send(
-                    h11.Response(status_code=status, reason=reason_phrase(status), headers=headers)
-                )
-            ]
-            if self._method != b"HEAD" and body:
-                out.append(conn.send(h11.Data(data=body)))
-            out.append(conn.send(h11.EndOfMessage()))
-        except h11.LocalProtocolError:
-            return False  # a response was already under way: closing says the rest
-        self._writer.writelines(out)
-        return not close and conn.our_state is h11.DONE
+        head = response_head(status, reason_phrase(status), headers)
+        if self._method != b"HEAD" and body:
+            self._writer.writelines((head, body))
+        else:
+            self._writer.write(head)
+        return not close
 
     # -- closing -----------------------------------------------------------------------------
 
