@@ -44,11 +44,13 @@ soak: $(STAMP)
 ## fuzz-long: each atheris harness for FUZZ_SECONDS (default 600) seconds
 FUZZ_SECONDS ?= 600
 fuzz-long: $(STAMP)
-	@mkdir -p test-artifacts/fuzz/frames test-artifacts/fuzz/session
+	@mkdir -p test-artifacts/fuzz/frames test-artifacts/fuzz/session test-artifacts/fuzz/http
 	cd test-artifacts/fuzz && ../../$(BIN)/python ../../tests/fuzz/fuzz_frames.py \
 	  -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 frames
 	cd test-artifacts/fuzz && ../../$(BIN)/python ../../tests/fuzz/fuzz_session.py \
 	  -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 session
+	cd test-artifacts/fuzz && ../../$(BIN)/python ../../tests/fuzz/fuzz_http.py \
+	  -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 http
 
 ## load: 10,000 concurrent tunnels held 30 s, then used (the `slow` tests)
 load: $(STAMP)

@@ -32,10 +32,16 @@ SEEDS = [
     + frames.encode(7, 0, 0, frames.goaway_payload(1, frames.ErrorCode.GOING_AWAY, "bye")),
     b"\x01" * 64,
     b"\x00" * 64,
+    # For the HTTP readers: pipelined requests with both body framings, and a response.
+    b"\x01\x40\x05GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\nPOST http://a/ HTTP/1.1\r\n"
+    b"Content-Length: 2\r\n\r\nokPUT http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"2\r\nok\r\n0\r\n\r\n",
+    b"\x00\x80\x00HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+    b"\r\n5\r\nhello\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n\r\nuntil close",
 ]
 
 
-@pytest.mark.parametrize("harness", ["fuzz_frames.py", "fuzz_session.py"])
+@pytest.mark.parametrize("harness", ["fuzz_frames.py", "fuzz_session.py", "fuzz_http.py"])
 def test_atheris_finds_no_crash_in_a_short_run(harness: str, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -262,3 +264,59 @@ def test_chunked_body_written_here_parses_back_to_the_same_bytes(
         events += drain(reader)
     assert events[-1] is END
     assert b"".join(e for e in events if isinstance(e, bytes)) == b"".join(pieces)
+
+
+_PIPELINE = (
+    b"GET http://a.test/one HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    b"POST http://a.test/two HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+    b"PUT http://a.test/three HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nTrailer: x\r\n\r\n"
+)
+
+
+def _summary(events: list[Event]) -> list[object]:
+    """Events with body pieces joined per message (how the body is split is not meaningful)."""
+    out: list[object] = []
+    body = b""
+    for event in events:
+        if isinstance(event, bytes):
+            body += event
+        elif isinstance(event, RequestHead):
+            out.append((event.method, event.target, tuple(event.raw_headers)))
+        else:
+            out += [body, event]
+            body = b""
+    return out
+
+
+@given(st.lists(st.integers(1, len(_PIPELINE) - 1), max_size=12))
+def test_pipelined_requests_parse_alike_however_the_bytes_are_split(cuts: list[int]) -> None:
+    whole = requests()
+    whole.receive_data(_PIPELINE)
+    expected = _summary(drain(whole))
+    assert len(expected) == 9 and expected[-2] == b"abcde"
+    reader = requests()
+    events: list[Event] = []
+    bounds = [0, *sorted(set(cuts)), len(_PIPELINE)]
+    for start, end in itertools.pairwise(bounds):
+        reader.receive_data(_PIPELINE[start:end])
+        events += drain(reader)
+    assert _summary(events) == expected
+
+
+@given(st.binary(max_size=512), st.binary(max_size=64))
+def test_arbitrary_bytes_give_events_or_a_protocol_error_only(prefix: bytes, data: bytes) -> None:
+    for reader in (requests(max_request_line=64, max_headers=4, max_bytes=128), ResponseReader(64)):
+        if isinstance(reader, ResponseReader):
+            reader.expect_response(head_only=False)
+        try:
+            reader.receive_data(prefix + data)
+            reader.receive_data(data or b"\r\n")
+            reader.receive_eof()
+            for _ in range(1000):  # bounded: each call consumes an event or ends
+                event = reader.next_event()
+                if event is CLOSED or event is NEED_DATA:
+                    break
+                assert isinstance(event, (RequestHead, ResponseHead, bytes)) or event is END
+        except ProtocolError as exc:
+            assert exc.status in (400, 414, 431, 502) and exc.reason
