@@ -20,7 +20,6 @@ before it completes.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -116,19 +115,23 @@ class _Reader(Generic[_ParserT]):
         "_headers",
         "_in_message",
         "_leftover",
+        "_next",
         "_parser",
-        "_upgraded",
     )
 
     def __init__(self) -> None:
-        self._events: deque[Event] = deque()
+        # Pending events and the index of the next one: a list costs less than a deque's
+        # 64-slot block, and thousands of connections each hold one.
+        self._events: list[Event] = []
+        self._next = 0
         self._error: ProtocolError | None = None
         self._eof = False
         self._in_message = False
         self._headers: list[Header] = []
         self._leftover = b""
-        self._upgraded = False
-        self._parser: _ParserT = self._new_parser()
+        # None after an upgrade: llhttp is paused for good, and a tunnel held open for hours
+        # should not keep it (a refused upgrade gets a fresh parser).
+        self._parser: _ParserT | None = self._new_parser()
 
     def _new_parser(self) -> _ParserT:
         raise NotImplementedError
@@ -139,15 +142,16 @@ class _Reader(Generic[_ParserT]):
         """Parse ``data`` (never empty: use :meth:`receive_eof` for the end of input)."""
         if self._error is not None:
             return
-        if self._upgraded:
+        parser = self._parser
+        if parser is None:
             # After an upgrade the bytes are not HTTP; they wait for whoever takes them over
             # (or for the next cycle, if the upgrade was refused).
             self._leftover += data
             return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self._upgraded = True
+            self._parser = None
             self._leftover = data[upgrade.args[0] :]
         except httptools.HttpParserCallbackError as exc:
             limit = exc.__context__
@@ -168,8 +172,14 @@ class _Reader(Generic[_ParserT]):
 
     def next_event(self) -> Event:
         """The next event; raises :class:`ProtocolError` once the events before a fault are out."""
-        if self._events:
-            return self._events.popleft()
+        events = self._events
+        if self._next < len(events):
+            event = events[self._next]
+            self._next += 1
+            if self._next == len(events):
+                events.clear()
+                self._next = 0
+            return event
         if self._error is not None:
             raise self._error
         if self._eof:
@@ -191,9 +201,8 @@ class _Reader(Generic[_ParserT]):
 
     def start_next_cycle(self) -> None:
         """After a message exchange that did not switch protocols: parse what follows as HTTP."""
-        if self._upgraded:
+        if self._parser is None:
             leftover, self._leftover = self._leftover, b""
-            self._upgraded = False
             self._parser = self._new_parser()
             if leftover:
                 self.receive_data(leftover)
@@ -201,12 +210,12 @@ class _Reader(Generic[_ParserT]):
     @property
     def started(self) -> bool:
         """True if a message is under way or events are queued (pipelined input)."""
-        return self._in_message or bool(self._events)
+        return self._in_message or self._next < len(self._events)
 
     @property
     def idle(self) -> bool:
         """True if no message is under way and no event of a later message is queued."""
-        return not self._in_message and not self._events and self._error is None
+        return not self._in_message and self._next == len(self._events) and self._error is None
 
     # -- llhttp callbacks --------------------------------------------------------------------
 
@@ -259,6 +268,7 @@ class RequestReader(_Reader[httptools.HttpRequestParser]):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None  # a callback runs inside feed_data
         raw = self._headers
         size = sum(len(name) + len(value) + 4 for name, value in raw)
         if size > self._limits[2]:
@@ -358,6 +368,7 @@ class ResponseReader(_Reader[httptools.HttpResponseParser]):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None  # a callback runs inside feed_data
         raw = self._headers
         headers = [(name.lower(), value) for name, value in raw]
         status = parser.get_status_code()
@@ -418,7 +429,7 @@ class ResponseReader(_Reader[httptools.HttpResponseParser]):
         return (
             self.idle
             and not self.stray
-            and not self._upgraded
+            and self._parser is not None
             and not self._eof
             and head is not None
             and head.keep_alive
