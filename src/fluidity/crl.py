@@ -22,13 +22,15 @@ import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import ExtensionOID
-
-from fluidity import certs
 from fluidity.errors import CertificateError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# cryptography (and fluidity.certs, which needs it) is imported inside the functions that use it:
+# it costs about 10 MiB of RSS, and a server without ``crl_file`` never needs it.
 
 DEFAULT_CRL_NAME = "crl.pem"
 CRL_VALIDITY_DAYS = 3650
@@ -59,6 +61,10 @@ def load_crl(path: Path, ca_certificate: x509.Certificate) -> RevocationList:
 
     Raises :class:`CertificateError` naming the file and the problem.
     """
+    from cryptography import x509
+
+    from fluidity import certs
+
     try:
         crl = x509.load_pem_x509_crl(path.read_bytes())
     except OSError as exc:
@@ -95,6 +101,12 @@ def revoke(
     added)``; ``added`` is False if the serial was already listed (the CRL is still re-signed, so
     its dates are fresh). Raises :class:`CertificateError` with what to do on any problem.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtensionOID
+
+    from fluidity import certs
+
     ca = certs.load_ca(directory)
     if serial is None:
         if not name:
@@ -155,13 +167,19 @@ def peer_serial(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> int | None:
         der = ssl_object.getpeercert(binary_form=True)
     except ValueError:
         return None
-    return x509.load_der_x509_certificate(der).serial_number if der else None
+    if not der:
+        return None
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).serial_number
 
 
 def revoked_reason(revocations: RevocationList | None, ssl_object: ssl.SSLObject | None) -> str:
     """Why the peer of ``ssl_object`` must be refused (its certificate is revoked), or ``""``."""
+    if revocations is None:
+        return ""  # no CRL configured: nothing to look up (and no certificate parsing)
     serial = peer_serial(ssl_object)
-    if revocations is None or serial is None or not revocations.is_revoked(serial):
+    if serial is None or not revocations.is_revoked(serial):
         return ""
     return f"certificate revoked (serial {serial:#x}, listed in {revocations.path})"
 

@@ -20,10 +20,11 @@ import re
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-
-from fluidity import certs
 from fluidity.errors import CertificateError
+
+# cryptography (through fluidity.certs) is imported only to explain a file that ssl refused, or to
+# name a peer whose certificate ssl did not decode: importing it costs about 10 MiB of RSS in
+# every agent and server process, which otherwise never needs it.
 
 ALPN_PROTOCOL = "fluidity/1"
 """The ALPN protocol both sides offer. OpenSSL does not fail a handshake when the client offers no
@@ -125,8 +126,30 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
         return "unknown"
     if not der:
         return "unknown"
-    name = certs.common_name(x509.load_der_x509_certificate(der).subject)
+    # A verified peer certificate (always, on the server) is decoded by ssl itself.
+    name = _first_common_name(ssl_object.getpeercert())
+    if name is None:
+        from cryptography import x509
+
+        from fluidity import certs
+
+        name = certs.common_name(x509.load_der_x509_certificate(der).subject)
     return _UNPRINTABLE.sub("?", name)[:_MAX_DETAIL] or "unknown"
+
+
+def _first_common_name(decoded: object) -> str | None:
+    """The first CN of a certificate subject as ``getpeercert()`` decodes it; ``None`` if unknown.
+
+    Same answer as :func:`fluidity.certs.common_name`: RDNs in encoded order, first CN wins, ``""``
+    for a subject without one. ``None`` when ssl did not decode the certificate (not verified).
+    """
+    if not isinstance(decoded, dict) or "subject" not in decoded:
+        return None
+    for rdn in decoded["subject"]:
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""
 
 
 def explain_handshake_error(exc: BaseException) -> str:
@@ -191,14 +214,42 @@ def _configure(context: ssl.SSLContext, cert_file: Path, key_file: Path, ca_file
         if not path.is_file():
             raise CertificateError(f"{path} not found: {hint}")
     try:
-        # cryptography's checks first: they name the file and the problem precisely.
-        certs.load_issued(cert_file, key_file)
-        certs.load_certificate(ca_file)
         context.load_verify_locations(cafile=ca_file)
-        context.load_cert_chain(cert_file, key_file)
-    except CertificateError as exc:
-        raise CertificateError(f"{exc}; {hint}") from exc
-    except (ssl.SSLError, OSError) as exc:
+        # A password callback that refuses, so an encrypted key fails here instead of OpenSSL
+        # prompting on the terminal.
+        context.load_cert_chain(cert_file, key_file, password=_no_password)
+    except (ssl.SSLError, OSError, _EncryptedKeyError) as exc:
+        # ssl's errors are terse; cryptography's checks name the file and the problem precisely.
+        # They run only now, on failure, so that a good configuration never imports cryptography.
+        from fluidity import certs
+
+        try:
+            certs.load_issued(cert_file, key_file)
+            certs.load_certificate(ca_file)
+        except CertificateError as precise:
+            raise CertificateError(f"{precise}; {hint}") from exc
         raise CertificateError(
             f"cannot load {cert_file}, {key_file} or {ca_file}: {exc}; {hint}"
         ) from exc
+
+
+class _EncryptedKeyError(Exception):
+    """The private key file is encrypted; Fluidity uses unencrypted keys (mode 0600)."""
+
+
+def _no_password() -> str:
+    raise _EncryptedKeyError("the private key is encrypted")
+
+
+def prime_malloc_for_tls_reads() -> None:
+    """Let glibc serve the TLS layer's 256 KiB read buffers from the heap, not from mmap.
+
+    uvloop reads TLS with ``SSLObject.read(256 KiB)``, which allocates a 256 KiB bytes object and
+    shrinks it to what was read. Above glibc's mmap threshold (128 KiB at start) every such read
+    costs an mmap, an mremap and a munmap (about one of each per new tunnel, measured with
+    ``strace -c``). Freeing one mmapped block raises glibc's dynamic threshold to its size, which
+    is what this does; a process that happened to import a large package (cryptography) used to
+    get that for free. Harmless on other allocators. Called once by the agent and the server.
+    """
+    block = bytearray(1 << 20)  # 1 MiB: mmapped, and its free sets the threshold to 1 MiB
+    del block

@@ -31,13 +31,10 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from cryptography import x509
-
 from fluidity.agent.control_client import ControlApiError, ControlClient, control_api_opener
 from fluidity.agent.link import AgentLink, LinkStream
 from fluidity.agent.streams import OpenFailure, StreamOpenError
 from fluidity.agent.tunnel import Connector, Tunnel
-from fluidity.certs import common_name
 from fluidity.config import AgentConfig
 from fluidity.logs import log
 
@@ -51,6 +48,11 @@ PROGRESS_EVERY = 10.0
 
 def agent_id_of(config: AgentConfig) -> str:
     """This agent's id for the control plane: its certificate's common name."""
+    # Imported here: cryptography costs about 10 MiB of RSS, and only a lifecycle agent needs it.
+    from cryptography import x509
+
+    from fluidity.certs import common_name
+
     try:
         cert = x509.load_pem_x509_certificate(config.cert_file.read_bytes())
     except (OSError, ValueError):

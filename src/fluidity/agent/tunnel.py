@@ -19,7 +19,7 @@ from fluidity.agent.link import AgentLink, LinkStream
 from fluidity.agent.streams import OpenFailure, StreamOpenError
 from fluidity.config import TunnelConfig
 from fluidity.logs import log
-from fluidity.tls import explain_handshake_error
+from fluidity.tls import explain_handshake_error, prime_malloc_for_tls_reads
 from fluidity.wire import ALPN, SessionSettings, SessionStateError
 
 logger = logging.getLogger("fluidity.agent")
@@ -78,6 +78,7 @@ class Tunnel:
         return f"{self.host}:{self.port}"
 
     def start(self) -> None:
+        prime_malloc_for_tls_reads()
         loop = asyncio.get_running_loop()
         for slot in range(self.config.connections):
             self._tasks.append(loop.create_task(self._keep_link(slot)))

@@ -32,17 +32,15 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from typing import TYPE_CHECKING, Any
 
 from fluidity.config import ServerConfig
 from fluidity.errors import CertificateError, ConfigError
 from fluidity.logs import log
 from fluidity.tls import server_context
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 logger = logging.getLogger("fluidity.server")
 
@@ -138,6 +136,12 @@ def parse_secret(secret: str, text: str) -> dict[str, Any]:
 
 def validate_material(fields: Mapping[str, Any], labels: Mapping[str, str]) -> CertMaterial:
     """Decode each field (PEM or base64 of PEM), parse it and check that the three fit together."""
+    # Imported here, not at module level: cryptography costs about 10 MiB of RSS, and a server
+    # with ``cert_source: file`` never needs it (ssl loads and checks the files).
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     pem = {name: _decode_field(fields.get(name), labels[name]) for name in SECRET_FIELDS}
     certificate = _load_cert(pem["server_cert"], labels["server_cert"])
     ca = _load_cert(pem["ca_cert"], labels["ca_cert"])
@@ -228,6 +232,8 @@ def _decode_field(value: Any, label: str) -> bytes:
 
 
 def _load_cert(pem: bytes, label: str) -> x509.Certificate:
+    from cryptography import x509
+
     try:
         return x509.load_pem_x509_certificate(pem)
     except ValueError:

@@ -23,7 +23,7 @@ from fluidity.logs import log
 from fluidity.server.egress import EgressPolicy
 from fluidity.server.link import ServerLink
 from fluidity.server.stats import ServerStats
-from fluidity.tls import explain_handshake_error, peer_identity
+from fluidity.tls import explain_handshake_error, peer_identity, prime_malloc_for_tls_reads
 from fluidity.wire import ALPN, ErrorCode, SessionSettings
 
 logger = logging.getLogger("fluidity.server")
@@ -90,6 +90,7 @@ class Server:
 
     async def start(self) -> None:
         """Bind ``listen_addr:listen_port`` and start accepting agents."""
+        prime_malloc_for_tls_reads()
         config = self.config
         try:
             family = socket.AF_INET6 if ":" in config.listen_addr else socket.AF_INET
