@@ -16,7 +16,7 @@ import logging
 import time
 from typing import cast
 
-from fluidity.agent.streams import OpenFailure, StreamOpenError
+from fluidity.agent.streams import OpenFailure, PushStream, StreamConsumer, StreamOpenError
 from fluidity.logs import log
 from fluidity.wire import (
     DataReceived,
@@ -240,11 +240,17 @@ class AgentLink(asyncio.Protocol):
             self.transport.close()
 
 
-class LinkStream:
-    """A :class:`~fluidity.agent.streams.TunnelStream` carried by an :class:`AgentLink`."""
+class LinkStream(PushStream):
+    """A :class:`~fluidity.agent.streams.TunnelStream` carried by an :class:`AgentLink`.
+
+    Received bytes are either buffered for :meth:`read` (at most the stream window) or, once
+    :meth:`push_to` has set a consumer, handed to it as they arrive; the window is returned by
+    :meth:`read` or by the consumer's :meth:`release`.
+    """
 
     __slots__ = (
         "_buffer",
+        "_consumer",
         "_eof",
         "_error",
         "_finished",
@@ -269,6 +275,7 @@ class LinkStream:
         self._finished = False
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
+        self._consumer: StreamConsumer | None = None
 
     @property
     def buffered(self) -> int:
@@ -278,11 +285,16 @@ class LinkStream:
     # --- fed by the link -------------------------------------------------------------------------
 
     def feed(self, data: memoryview) -> None:
+        if self._consumer is not None:
+            self._consumer.stream_data(data)
+            return
         self._buffer.append(data)
         self._wake_reader()
 
     def feed_eof(self) -> None:
         self._eof = True
+        if self._consumer is not None:
+            self._consumer.stream_eof()
         self._wake_reader()
         self._check_finished()
 
@@ -293,6 +305,9 @@ class LinkStream:
     def set_error(self, error: StreamOpenError) -> None:
         self._error = error
         self._finished = True
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            consumer.stream_error(error)
         self._wake_reader()
         self.wake_writer()
         self.link.stream_finished()
@@ -306,6 +321,28 @@ class LinkStream:
         waiter = self._write_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    # --- PushStream API --------------------------------------------------------------------------
+
+    def push_to(self, consumer: StreamConsumer | None) -> None:
+        self._consumer = consumer
+        if consumer is None:
+            return
+        if self._buffer:
+            buffer = self._buffer
+            data = buffer[0] if len(buffer) == 1 else memoryview(b"".join(buffer))
+            buffer.clear()
+            consumer.stream_data(data)
+        if self._error is not None:
+            self._consumer = None
+            consumer.stream_error(self._error)
+        elif self._eof:
+            consumer.stream_eof()
+
+    def release(self, n: int) -> None:
+        link = self.link
+        if link.session.consumed(self.stream_id, n):
+            link.request_flush()  # a WINDOW frame is queued
 
     # --- TunnelStream API ------------------------------------------------------------------------
 

@@ -62,6 +62,50 @@ class TunnelStream(Protocol):
         """Close both directions; resets the stream if it is not already finished. Idempotent."""
 
 
+class StreamConsumer(Protocol):
+    """Takes the bytes of a :class:`PushStream` as they arrive (see :meth:`PushStream.push_to`).
+
+    The methods are called from the event loop's callbacks, so they must not block; they may
+    call :meth:`PushStream.release` at once or later.
+    """
+
+    def stream_data(self, data: memoryview) -> None:
+        """Bytes received on the stream (a read-only view; at most the stream window in all)."""
+
+    def stream_eof(self) -> None:
+        """The peer half-closed the stream: no more bytes will come."""
+
+    def stream_error(self, error: StreamOpenError) -> None:
+        """The open failed, or the stream was reset or lost; nothing more will come."""
+
+
+class PushStream:
+    """A :class:`TunnelStream` that can hand received bytes to a consumer instead of being read.
+
+    Reading through :meth:`TunnelStream.read` needs a task parked in it per stream; pushing to a
+    :class:`StreamConsumer` needs none, which saves a task, its coroutine frames and a future per
+    idle tunnel (about 1.5 KiB each; thousands of CONNECT tunnels sit idle at once).
+
+    Flow control is the consumer's: the stream's window is returned only through
+    :meth:`release`, so a consumer that holds bytes back (its socket is slow) stops the peer after
+    at most one window. Memory per stream stays bounded by the stream window.
+    """
+
+    __slots__ = ()
+
+    def push_to(self, consumer: StreamConsumer | None) -> None:
+        """Deliver received bytes, EOF and errors to ``consumer`` from now on (``None``: stop).
+
+        Bytes, EOF or an error that arrived before the call are delivered during it. While a
+        consumer is set, :meth:`TunnelStream.read` must not be used.
+        """
+        raise NotImplementedError
+
+    def release(self, n: int) -> None:
+        """The consumer is done with ``n`` pushed bytes: let the peer send that many more."""
+        raise NotImplementedError
+
+
 class StreamOpener(Protocol):
     """Opens :class:`TunnelStream` objects."""
 
