@@ -267,7 +267,27 @@ class ServerLink(asyncio.Protocol):
 
 
 class Target(asyncio.Protocol):
-    """The TCP connection to one stream's target."""
+    """The TCP connection to one stream's target.
+
+    A slots object with no per-stream containers until needed: thousands of these sit idle at
+    once, and each ``__dict__`` or empty list costs more than the fields themselves.
+    """
+
+    __slots__ = (
+        "_done",
+        "_early",
+        "_eof_sent_to_peer",
+        "_peer_ended",
+        "_read_paused",
+        "_withheld",
+        "_write_paused",
+        "dial_task",
+        "link",
+        "name",
+        "session",
+        "stream_id",
+        "transport",
+    )
 
     def __init__(self, link: ServerLink, stream_id: int, name: str) -> None:
         self.link = link
@@ -276,7 +296,9 @@ class Target(asyncio.Protocol):
         self.name = name
         self.transport: asyncio.Transport | None = None
         self.dial_task: asyncio.Task[None] | None = None
-        self._early: list[memoryview] = []  # bytes the agent sent before the dial completed
+        # Bytes the agent sent before the dial completed (at most the stream window); created
+        # only when such bytes arrive.
+        self._early: list[memoryview] | None = None
         self._peer_ended = False
         self._eof_sent_to_peer = False
         self._write_paused = False
@@ -287,9 +309,10 @@ class Target(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        for chunk in self._early:
-            self.send(chunk)
-        self._early.clear()
+        early, self._early = self._early, None
+        if early is not None:
+            for chunk in early:
+                self.send(chunk)
         if self._peer_ended:
             self._write_eof()
 
@@ -338,6 +361,8 @@ class Target(asyncio.Protocol):
     def send(self, data: memoryview) -> None:
         transport = self.transport
         if transport is None:
+            if self._early is None:
+                self._early = []
             self._early.append(data)
             return
         if transport.is_closing():
