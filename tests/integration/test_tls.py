@@ -367,6 +367,26 @@ def test_context_errors_name_the_file_and_what_to_do(
         builder(paths.client_cert, paths.client_cert, paths.ca_cert)
 
 
+@pytest.mark.parametrize("builder", [server_context, client_context])
+def test_encrypted_key_is_refused_without_a_prompt(
+    pki: Pki, tmp_path: Path, builder: Callable[[Path, Path, Path], ssl.SSLContext]
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(pki.paths.client_key.read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    # OpenSSL would otherwise ask for the pass phrase on the terminal; the error names the file.
+    with pytest.raises(CertificateError, match=r"encrypted\.key is not an unencrypted PEM private"):
+        builder(pki.paths.client_cert, encrypted, pki.paths.ca_cert)
+
+
 def test_peer_identity_without_a_peer_is_unknown() -> None:
     assert peer_identity(None) == "unknown"
 
