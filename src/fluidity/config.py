@@ -149,10 +149,12 @@ class ServerConfig(_Model):
     """Time to resolve and connect a target before answering TIMEOUT."""
     handshake_timeout: Duration = 10.0
     """Time a new connection has to complete TLS and send HELLO."""
-    stream_window: Size = 256 * 1024
-    """Flow-control window per stream: the most bytes in flight towards this side per stream."""
-    max_frame_size: Size = 64 * 1024
-    """Largest DATA frame payload; smaller interleaves streams more finely."""
+    stream_window: Size = 1024 * 1024
+    """Flow-control window per stream: the most bytes in flight towards this side per stream.
+    Throughput per stream is at most window / round trip; worst-case memory is this times the
+    busy streams."""
+    max_frame_size: Size = 256 * 1024
+    """Largest DATA frame payload; smaller interleaves streams finely, larger costs less CPU."""
     stream_buffer: Size = 256 * 1024
     """Bytes read from a target and queued for the link before reading pauses."""
     keepalive_interval: Duration = 15.0
@@ -212,10 +214,12 @@ class TunnelConfig(_Model):
     """Seconds between PINGs."""
     keepalive_timeout: Duration = 30.0
     """A link silent this long is declared dead; its streams fail and the agent reconnects."""
-    stream_window: Size = 256 * 1024
-    """Flow-control window per stream: bytes the server may send before the agent returns credit."""
-    max_frame_size: Size = 64 * 1024
-    """Largest DATA frame payload."""
+    stream_window: Size = 1024 * 1024
+    """Flow-control window per stream: bytes the server may send before the agent returns credit.
+    Throughput per stream is at most window / round trip; worst-case memory is this times the
+    busy streams."""
+    max_frame_size: Size = 256 * 1024
+    """Largest DATA frame payload; smaller interleaves streams finely, larger costs less CPU."""
     stream_buffer: Size = 256 * 1024
     """Bytes queued per stream for the link before the writer waits (backpressure)."""
 

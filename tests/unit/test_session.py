@@ -143,7 +143,7 @@ def test_settings_out_of_range_are_refused(kwargs: dict[str, int]) -> None:
 
 def test_settings_defaults() -> None:
     s = SessionSettings()
-    assert (s.initial_window, s.max_frame_size, s.max_streams) == (256 * KIB, 64 * KIB, 1024)
+    assert (s.initial_window, s.max_frame_size, s.max_streams) == (1024 * KIB, 256 * KIB, 1024)
 
 
 # --- handshake -----------------------------------------------------------------------------------
