@@ -137,7 +137,11 @@ class ClientSession:
                     raise BadRequestError(400, "CONNECT request with a body")
                 if (refusal := self._check_access(request)) is not None:
                     return self._send_local(refusal)
-                await self._tunnel(parse_connect_target(request.target))
+                target = parse_connect_target(request.target)
+                # This frame lives as long as the tunnel: without the head, an open tunnel
+                # holds about 300 bytes less (its header list and strings).
+                del request
+                await self._tunnel(target)
                 return False
             if request.target.startswith(b"/") or request.target == b"*":
                 return await self._answer_locally(request)

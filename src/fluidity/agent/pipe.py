@@ -11,6 +11,7 @@ of the tunnel are), so a tunnel holds one task; other streams get a second task 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import cast
 
@@ -26,15 +27,15 @@ class PipeResult:
     clean: bool = False
 
 
-async def pipe(
+def pipe(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     stream: TunnelStream,
     *,
     read_chunk: int = 256 * 1024,
     client_eof: bool = False,
-) -> PipeResult:
-    """Carry bytes both ways until both directions have ended; return the byte counts.
+) -> Coroutine[None, None, PipeResult]:
+    """Carry bytes both ways until both directions have ended; await it for the byte counts.
 
     Half-close is honoured: the client's EOF becomes ``stream.write_eof()`` and the stream's EOF
     becomes ``writer.write_eof()``; the other direction keeps flowing until it ends too. An error
@@ -44,8 +45,21 @@ async def pipe(
     (bytes it sent before are the caller's to forward). Neither side is closed here: the caller
     owns both and closes them.
     """
+    # A plain function that returns the coroutine doing the work: an open tunnel then holds
+    # one coroutine frame less (about 450 bytes, which counts with thousands of them).
     if isinstance(stream, PushStream):
-        return await _pipe_pushed(reader, writer, stream, read_chunk, client_eof)
+        return _pipe_pushed(reader, writer, stream, read_chunk, client_eof)
+    return _pipe_tasks(reader, writer, stream, read_chunk, client_eof)
+
+
+async def _pipe_tasks(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    stream: TunnelStream,
+    read_chunk: int,
+    client_eof: bool,
+) -> PipeResult:
+    """:func:`pipe` for a stream that is read: downstream gets a task of its own."""
     result = PipeResult()
 
     async def downstream() -> None:
