@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from bench.many import ManyResult
 
 MiB = 1024 * 1024
+MB = 1000 * 1000
 
 
 @dataclass
@@ -58,7 +59,7 @@ COLUMNS: list[tuple[str, str, int, bool]] = [
     ("TTFB ms", "ttfb_ms", 3, True),
     ("CPU s/GB", "cpu_s_per_gb", 2, False),
     ("CPU µs/req", "cpu_us_per_request", 0, False),
-    ("peak RSS MB", "peak_rss_mb", 1, False),
+    ("peak RSS MiB", "peak_rss_mb", 1, False),
 ]
 
 
@@ -121,13 +122,14 @@ def goals(results: list[ChainResult], many: ManyResult | None) -> list[str]:
     if fl.cpu_us_per_request is not None:
         line(fl.cpu_us_per_request <= 150, f"CPU ≤ 150 µs/request: {fl.cpu_us_per_request:.0f} µs")
     if many is not None:
-        ok = many.used == many.wanted and many.peak_rss <= 200 * MiB
+        # The goal is in decimal megabytes; the figures are printed in MiB, as ps and top show.
+        ok = many.used == many.wanted and many.peak_rss <= 200 * MB
         line(
             ok,
             f"{many.wanted:,} concurrent tunnels all usable, agent+server RSS ≤ 200 MB: "
             f"{many.opened:,} opened in {many.open_seconds:.1f} s, {many.used:,} used after the "
-            f"hold; RSS {many.rss_held / MiB:.0f} MB held, {many.rss_after / MiB:.0f} MB after "
-            f"use, peak (VmHWM) {many.peak_rss / MiB:.0f} MB",
+            f"hold; RSS {many.rss_held / MiB:.1f} MiB held, {many.rss_after / MiB:.1f} MiB after "
+            f"use, peak (VmHWM) {many.peak_rss / MiB:.1f} MiB = {many.peak_rss / MB:.1f} MB",
         )
     return lines
 
