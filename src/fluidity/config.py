@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from fluidity.errors import ConfigError
+from fluidity.wire.session import DEFAULT_MAX_FRAME_SIZE, DEFAULT_STREAM_WINDOW
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -149,11 +150,11 @@ class ServerConfig(_Model):
     """Time to resolve and connect a target before answering TIMEOUT."""
     handshake_timeout: Duration = 10.0
     """Time a new connection has to complete TLS and send HELLO."""
-    stream_window: Size = 1024 * 1024
+    stream_window: Size = DEFAULT_STREAM_WINDOW
     """Flow-control window per stream: the most bytes in flight towards this side per stream.
     Throughput per stream is at most window / round trip; worst-case memory is this times the
     busy streams."""
-    max_frame_size: Size = 256 * 1024
+    max_frame_size: Size = DEFAULT_MAX_FRAME_SIZE
     """Largest DATA frame payload; smaller interleaves streams finely, larger costs less CPU."""
     stream_buffer: Size = 256 * 1024
     """Bytes read from a target and queued for the link before reading pauses."""
@@ -214,11 +215,11 @@ class TunnelConfig(_Model):
     """Seconds between PINGs."""
     keepalive_timeout: Duration = 30.0
     """A link silent this long is declared dead; its streams fail and the agent reconnects."""
-    stream_window: Size = 1024 * 1024
+    stream_window: Size = DEFAULT_STREAM_WINDOW
     """Flow-control window per stream: bytes the server may send before the agent returns credit.
     Throughput per stream is at most window / round trip; worst-case memory is this times the
     busy streams."""
-    max_frame_size: Size = 256 * 1024
+    max_frame_size: Size = DEFAULT_MAX_FRAME_SIZE
     """Largest DATA frame payload; smaller interleaves streams finely, larger costs less CPU."""
     stream_buffer: Size = 256 * 1024
     """Bytes queued per stream for the link before the writer waits (backpressure)."""

@@ -54,6 +54,12 @@ class SessionStateError(RuntimeError):
     """The local application used the session wrongly (a bug, not a peer problem)."""
 
 
+DEFAULT_STREAM_WINDOW = 1024 * 1024
+"""Bytes: the default ``initial_window`` (and the config's ``stream_window``)."""
+DEFAULT_MAX_FRAME_SIZE = 256 * 1024
+"""Bytes: the default ``max_frame_size`` of HELLO and of the config."""
+
+
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
     """Per-link protocol settings announced in HELLO.
@@ -71,8 +77,8 @@ class SessionSettings:
         OPENs get ``LIMIT``. Ignored on the agent.
     """
 
-    initial_window: int = 1024 * 1024
-    max_frame_size: int = 256 * 1024
+    initial_window: int = DEFAULT_STREAM_WINDOW
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     max_streams: int = 1024
 
     def __post_init__(self) -> None:
