@@ -7,6 +7,10 @@ those bytes and starts the SOCKS5 or HTTP handler, exactly as ``asyncio.start_se
 done on accept. Nothing is copied or parsed twice. ``socks_port`` adds a port that speaks SOCKS5
 only.
 
+Before that, a first read that holds a whole ``CONNECT`` head the proxy can serve at once is
+offered to :func:`~fluidity.agent.connect_tunnel.serve_connect_now`, which makes the connection
+a task-less tunnel (most open connections of a busy agent are such tunnels).
+
 The client's address is kept in a context variable of the connection's task, so the status page
 (loopback only unless configured) and authentication logs can see who is asking.
 """
@@ -18,6 +22,7 @@ import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 
+from fluidity.agent.connect_tunnel import serve_connect_now
 from fluidity.agent.http_proxy import HttpProxy
 from fluidity.agent.socks5 import SOCKS_VERSION
 from fluidity.agent.socks5_frontend import Socks5Frontend
@@ -66,7 +71,7 @@ class FrontDoor:
         """
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: _FirstBytes(self._dispatch, self.first_byte_timeout),
+            lambda: _FirstBytes(self._dispatch, self.first_byte_timeout, self._serve_now),
             host, port, backlog=backlog,
         )  # fmt: skip
         self.proxy.adopt_server(server)
@@ -89,6 +94,13 @@ class FrontDoor:
         return self.proxy.active_connections + len(self._socks_tasks)
 
     # --- connections -----------------------------------------------------------------------------
+
+    def _serve_now(self, transport: asyncio.Transport, first: bytes) -> bool:
+        """Take the connection without a task if ``first`` allows it (a CONNECT, see
+        :mod:`~fluidity.agent.connect_tunnel`); False leaves it to :meth:`_dispatch`."""
+        if first.startswith(b"CONNECT ") and not self._closing:
+            return serve_connect_now(self.proxy, transport, first)
+        return False
 
     def _dispatch(self, first: bytes) -> tuple[StreamHandler, int]:
         """Choose the handler for a connection from its first bytes; return it and its limit."""
@@ -159,9 +171,13 @@ class _FirstBytes(asyncio.Protocol):
     """
 
     def __init__(
-        self, choose: Callable[[bytes], tuple[StreamHandler, int]], timeout: float
+        self,
+        choose: Callable[[bytes], tuple[StreamHandler, int]],
+        timeout: float,
+        serve_now: Callable[[asyncio.Transport, bytes], bool] | None = None,
     ) -> None:
         self._choose = choose
+        self._serve_now = serve_now
         self._timeout = timeout
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -177,6 +193,8 @@ class _FirstBytes(asyncio.Protocol):
         self._transport = None  # handed over: later callbacks go to the stream protocol
         if self._timer is not None:
             self._timer.cancel()
+        if self._serve_now is not None and self._serve_now(transport, data):
+            return  # the transport has a new protocol
         handler, limit = self._choose(data)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=limit, loop=loop)

@@ -22,6 +22,7 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from fluidity.agent.connect_tunnel import ConnectTunnel
 from fluidity.agent.fdlimit import ConnectionGate
 from fluidity.agent.http_messages import LocalHandler, LocalResponse
 from fluidity.agent.http_session import ClientSession
@@ -96,6 +97,9 @@ class HttpProxy:
         self._servers: list[asyncio.Server] = []
         self._sessions: set[asyncio.Task[None]] = set()
         self._closing: set[asyncio.Task[None]] = set()
+        # Task-less CONNECT tunnels (see connect_tunnel), and who waits for the last one to end.
+        self._tunnels: set[ConnectTunnel] = set()
+        self._tunnels_gone: asyncio.Future[None] | None = None
         self._own_addresses: set[tuple[str, int]] = set()
 
     async def serve(
@@ -164,6 +168,43 @@ class HttpProxy:
             self._sessions.discard(task)
             self._closing.discard(task)
 
+    # --- task-less tunnels (fluidity.agent.connect_tunnel) ------------------------------------
+
+    @property
+    def task_less_tunnels(self) -> int:
+        """Open CONNECT tunnels served without a task (counted in ``active_connections`` too)."""
+        return len(self._tunnels)
+
+    def admits_another(self) -> bool:
+        """True if one more client connection stays within ``max_connections``."""
+        return self._gate is None or not self._gate.full(self.active_connections + 1)
+
+    def adopt_tunnel(self, tunnel: ConnectTunnel) -> None:
+        """Count ``tunnel`` as a client connection (and its request) until it closes."""
+        self._tunnels.add(tunnel)
+        self.active_connections += 1
+        self.total_connections += 1
+        self.requests += 1
+
+    def tunnel_closed(self, tunnel: ConnectTunnel) -> None:
+        """``tunnel``'s client connection is gone."""
+        if tunnel in self._tunnels:
+            self._tunnels.discard(tunnel)
+            self.active_connections -= 1
+        waiter = self._tunnels_gone
+        if not self._tunnels and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait_tunnels_closed(self, timeout: float | None) -> bool:
+        if not self._tunnels:
+            return True
+        if self._tunnels_gone is None or self._tunnels_gone.done():
+            self._tunnels_gone = asyncio.get_running_loop().create_future()
+        done, _ = await asyncio.wait((self._tunnels_gone,), timeout=timeout)
+        return bool(done)
+
+    # --- life cycle ----------------------------------------------------------------------------
+
     def close(self) -> None:
         """Stop accepting new clients; connections already open keep being served."""
         for server in self._servers:
@@ -171,17 +212,22 @@ class HttpProxy:
 
     async def wait_connections_closed(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every client connection to end; True if they did."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         sessions = list(self._sessions)
         if sessions:
             _, pending = await asyncio.wait(sessions, timeout=timeout)
-            return not pending
-        return True
+            if pending:
+                return False
+        return await self._wait_tunnels_closed(max(0.0, deadline - loop.time()))
 
     def close_connections(self) -> None:
         """Close every client connection now (and the streams they use)."""
         for task in list(self._sessions):
             self._closing.add(task)
             task.cancel()
+        for tunnel in list(self._tunnels):
+            tunnel.abort()
 
     async def aclose(self) -> None:
         """Stop accepting, close every connection and wait until they are all gone."""
@@ -189,6 +235,7 @@ class HttpProxy:
         sessions = list(self._sessions)
         self.close_connections()
         await asyncio.gather(*sessions, return_exceptions=True)
+        await self._wait_tunnels_closed(None)  # aborted transports report their loss next turn
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()

@@ -15,12 +15,10 @@ raw bytes until both directions end, then it is closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import struct
 from typing import TYPE_CHECKING
 
+from fluidity.agent.connect_tunnel import CONNECT_OK, reset_connection
 from fluidity.agent.http_codec import (
     END,
     NEED_DATA,
@@ -65,8 +63,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("fluidity.agent.http")
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
-_CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 _NOT_A_PROXY_REQUEST = "this is a proxy: send absolute-form requests (http://host/path) or CONNECT"
 #: After refusing a request, unread input is drained for at most this long / this many bytes so
 #: that closing does not reset the connection before the client has read the answer.
@@ -315,7 +311,7 @@ class ClientSession:
             except StreamOpenError as exc:
                 self._report_failure(target, exc, opening=True, close=True)
                 return
-            self._writer.write(_CONNECT_OK)
+            self._writer.write(CONNECT_OK)
             self._responded = True
             early, client_eof = self._requests.trailing_data
             if early:
@@ -338,12 +334,7 @@ class ClientSession:
         data ended normally; the reset tells it the data was cut short.
         """
         if not clean:
-            sock = self._writer.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    # Linger on, timeout 0: closing sends an RST (a plain abort sends a FIN).
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            self._writer.transport.abort()
+            reset_connection(self._writer.transport)
 
     # -- answers from the proxy itself -------------------------------------------------------
 

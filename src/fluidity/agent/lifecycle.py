@@ -148,6 +148,13 @@ class Lifecycle:
         assert self.tunnel is not None
         return await self.tunnel.open(host, port)
 
+    def open_now(self, host: str, port: int) -> LinkStream | None:
+        """Open a stream at once if a link is up; ``None`` otherwise (:meth:`open` wakes the
+        server and waits)."""
+        if self.tunnel is None or not self._usable():
+            return None
+        return self.tunnel.open_now(host, port)
+
     def waiting_message(self) -> str:
         if self.phase == "failed":
             return f"could not wake the server: {self.last_error}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import cast
 
 from fluidity.agent.streams import OpenFailure, PushStream, StreamConsumer, StreamOpenError
@@ -257,6 +258,7 @@ class LinkStream(PushStream):
         "_local_ended",
         "_opened",
         "_read_waiter",
+        "_writable_callback",
         "_write_waiter",
         "link",
         "stream_id",
@@ -276,6 +278,7 @@ class LinkStream(PushStream):
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._consumer: StreamConsumer | None = None
+        self._writable_callback: Callable[[], None] | None = None
 
     @property
     def buffered(self) -> int:
@@ -300,6 +303,8 @@ class LinkStream(PushStream):
 
     def set_opened(self) -> None:
         self._opened = True
+        if self._consumer is not None:
+            self._consumer.stream_open()
         self._wake_reader()
 
     def set_error(self, error: StreamOpenError) -> None:
@@ -321,6 +326,8 @@ class LinkStream(PushStream):
         waiter = self._write_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self._writable_callback is not None:
+            self._writable_callback()
 
     # --- PushStream API --------------------------------------------------------------------------
 
@@ -328,6 +335,8 @@ class LinkStream(PushStream):
         self._consumer = consumer
         if consumer is None:
             return
+        if self._opened:
+            consumer.stream_open()
         if self._buffer:
             buffer = self._buffer
             data = buffer[0] if len(buffer) == 1 else memoryview(b"".join(buffer))
@@ -343,6 +352,13 @@ class LinkStream(PushStream):
         link = self.link
         if link.session.consumed(self.stream_id, n):
             link.request_flush()  # a WINDOW frame is queued
+
+    @property
+    def write_blocked(self) -> bool:
+        return self.link.session.pending_bytes(self.stream_id) > self.link.stream_buffer
+
+    def on_writable(self, callback: Callable[[], None] | None) -> None:
+        self._writable_callback = callback
 
     # --- TunnelStream API ------------------------------------------------------------------------
 

@@ -185,6 +185,9 @@ class _Downstream:
 
     # --- StreamConsumer --------------------------------------------------------------------------
 
+    def stream_open(self) -> None:
+        pass  # pushing starts after the open result
+
     def stream_data(self, data: memoryview) -> None:
         if self._done:
             self._stream.release(len(data))

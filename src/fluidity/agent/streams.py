@@ -7,6 +7,7 @@ and run in production over the multiplexed link (:mod:`fluidity.agent.tunnel`).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -69,6 +70,9 @@ class StreamConsumer(Protocol):
     call :meth:`PushStream.release` at once or later.
     """
 
+    def stream_open(self) -> None:
+        """The target accepted the stream: bytes may flow (called at most once)."""
+
     def stream_data(self, data: memoryview) -> None:
         """Bytes received on the stream (a read-only view; at most the stream window in all)."""
 
@@ -82,9 +86,11 @@ class StreamConsumer(Protocol):
 class PushStream:
     """A :class:`TunnelStream` that can hand received bytes to a consumer instead of being read.
 
-    Reading through :meth:`TunnelStream.read` needs a task parked in it per stream; pushing to a
+    Reading through :meth:`read` needs a task parked in it per stream; pushing to a
     :class:`StreamConsumer` needs none, which saves a task, its coroutine frames and a future per
-    idle tunnel (about 1.5 KiB each; thousands of CONNECT tunnels sit idle at once).
+    idle tunnel (about 1.5 KiB each; thousands of CONNECT tunnels sit idle at once). With
+    :attr:`write_blocked` and :meth:`on_writable` in place of :meth:`drain`, a tunnel needs no
+    task in either direction (see :mod:`fluidity.agent.connect_tunnel`).
 
     Flow control is the consumer's: the stream's window is returned only through
     :meth:`release`, so a consumer that holds bytes back (its socket is slow) stops the peer after
@@ -94,15 +100,47 @@ class PushStream:
     __slots__ = ()
 
     def push_to(self, consumer: StreamConsumer | None) -> None:
-        """Deliver received bytes, EOF and errors to ``consumer`` from now on (``None``: stop).
+        """Deliver the open result, received bytes, EOF and errors to ``consumer`` from now on
+        (``None``: stop).
 
-        Bytes, EOF or an error that arrived before the call are delivered during it. While a
-        consumer is set, :meth:`TunnelStream.read` must not be used.
+        An open result, bytes, EOF or an error that arrived before the call are delivered during
+        it. While a consumer is set, :meth:`read` must not be used.
         """
         raise NotImplementedError
 
     def release(self, n: int) -> None:
         """The consumer is done with ``n`` pushed bytes: let the peer send that many more."""
+        raise NotImplementedError
+
+    @property
+    def write_blocked(self) -> bool:
+        """True while more bytes are queued than the stream buffer allows (:meth:`drain` would
+        wait): stop writing until the :meth:`on_writable` callback runs."""
+        raise NotImplementedError
+
+    def on_writable(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` (from the event loop) whenever queued bytes fall back under the
+        stream buffer, and when the stream fails; ``None`` removes it."""
+        raise NotImplementedError
+
+    # The TunnelStream methods, implemented by subclasses.
+
+    async def wait_open(self) -> None:
+        raise NotImplementedError
+
+    async def read(self) -> bytes:
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def drain(self) -> None:
+        raise NotImplementedError
+
+    def write_eof(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
         raise NotImplementedError
 
 
@@ -116,4 +154,13 @@ class StreamOpener(Protocol):
         to learn the result. Raises :class:`StreamOpenError` (``TUNNEL_DOWN``) when no link to
         the server becomes available in time.
         """
+        ...
+
+
+class ImmediateOpener(Protocol):
+    """A :class:`StreamOpener` that can also open a pushing stream at once, without waiting."""
+
+    def open_now(self, host: str, port: int) -> PushStream | None:
+        """Start opening a stream to ``host:port`` if that needs no waiting (a link is up);
+        ``None`` otherwise, or if the target is invalid (:meth:`StreamOpener.open` says why)."""
         ...

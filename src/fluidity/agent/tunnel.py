@@ -121,6 +121,18 @@ class Tunnel:
             except TimeoutError:
                 continue
 
+    def open_now(self, host: str, port: int) -> LinkStream | None:
+        """Open a stream on the least busy usable link if there is one, without waiting;
+        ``None`` when none is up or the target is invalid (:meth:`open` then says why)."""
+        while (link := self._pick()) is not None:
+            try:
+                return link.open_stream(host, port)
+            except ValueError:
+                return None
+            except SessionStateError:
+                link.mark_draining()  # raced with GOAWAY or a protocol error
+        return None
+
     def _pick(self) -> AgentLink | None:
         usable = [link for link in self.links if link.usable]
         if not usable:
