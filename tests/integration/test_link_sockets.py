@@ -14,7 +14,7 @@ import socket
 import pytest
 
 from fluidity.certs import PkiPaths
-from tests.integration.stack import running_server, running_tunnel
+from tests.integration.stack import echo_handler, running_server, running_tunnel, tcp_server
 
 
 def _nodelay(transport: object) -> int:
@@ -39,3 +39,30 @@ async def test_both_ends_of_the_link_disable_nagle_on_asyncio(pki: PkiPaths) -> 
 
 async def test_both_ends_of_the_link_disable_nagle_on_uvloop(pki: PkiPaths) -> None:
     await _assert_both_ends_disable_nagle(pki)
+
+
+async def _assert_target_connections_disable_nagle(pki: PkiPaths) -> None:
+    async with (
+        running_server(pki) as server,
+        running_tunnel(pki, server.port) as tunnel,
+        tcp_server(echo_handler) as echo_port,
+    ):
+        stream = await tunnel.open("127.0.0.1", echo_port)
+        await stream.wait_open()
+        stream.write(b"ping")
+        assert await stream.read() == b"ping"
+        (server_link,) = server.links
+        (target,) = server_link.targets.values()
+        # A small response (a TLS record, an HTTP head) must reach the target at once.
+        assert _nodelay(target.transport) == 1
+        stream.close()
+
+
+@pytest.mark.stdlib_loop
+async def test_target_connections_disable_nagle_on_asyncio(pki: PkiPaths) -> None:
+    assert type(asyncio.get_running_loop()).__module__.startswith("asyncio")
+    await _assert_target_connections_disable_nagle(pki)
+
+
+async def test_target_connections_disable_nagle_on_uvloop(pki: PkiPaths) -> None:
+    await _assert_target_connections_disable_nagle(pki)
