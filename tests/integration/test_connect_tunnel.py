@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
+
 from fluidity.agent.app import Agent
 from fluidity.certs import PkiPaths
 from fluidity.config import EgressConfig
@@ -46,6 +48,16 @@ def idle(agent: Agent) -> bool:
 
 
 async def test_tunnel_echoes_with_half_close_and_holds_no_task(pki: PkiPaths) -> None:
+    await _echo_through_a_task_less_tunnel(pki)
+
+
+@pytest.mark.stdlib_loop
+async def test_tunnel_works_the_same_on_the_asyncio_loop(pki: PkiPaths) -> None:
+    assert type(asyncio.get_running_loop()).__module__.startswith("asyncio")
+    await _echo_through_a_task_less_tunnel(pki)
+
+
+async def _echo_through_a_task_less_tunnel(pki: PkiPaths) -> None:
     payload = hashlib.sha256(b"tunnel").digest() * (2 * MiB // 32)
     async with (
         running_server(pki) as server,
@@ -308,3 +320,25 @@ async def test_with_proxy_auth_the_session_answers_407_then_tunnels(pki: PkiPath
         assert agent.proxy.task_less_tunnels == 0
         writer.close()
         await until(lambda: idle(agent))
+
+
+async def test_connect_before_the_link_is_up_waits_in_the_session_then_tunnels(
+    pki: PkiPaths, free_port: int
+) -> None:
+    async with (
+        tcp_server(echo_handler) as echo_port,
+        starting_agent(pki, free_port, tunnel={"link_wait_timeout": 10}) as agent,
+    ):
+        # No server yet: the CONNECT cannot be served at once and goes to the session, which
+        # waits for a link within link_wait_timeout.
+        connecting = asyncio.create_task(connect_via(agent.proxy_port, f"127.0.0.1:{echo_port}"))
+        await until(lambda: agent.proxy.active_connections == 1)
+        assert agent.proxy.task_less_tunnels == 0
+        async with running_server(pki, listen_port=free_port):
+            reader, writer, head = await asyncio.wait_for(connecting, 10)
+            assert head.startswith(b"HTTP/1.1 200")
+            writer.write(b"late")
+            assert await reader.readexactly(4) == b"late"
+            assert agent.proxy.task_less_tunnels == 0
+            writer.close()
+            await until(lambda: idle(agent))
