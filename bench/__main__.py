@@ -3,8 +3,9 @@
 ``python -m bench`` (``make bench``) measures every chain back to back and writes a markdown table
 with ratios to the direct row to stdout and ``bench/results/<timestamp>.md``. ``python -m bench
 --smoke`` (``make bench-smoke``) starts every chain and only checks that each moves bytes
-correctly (seconds; no timing is asserted). Each figure is measured chain after chain before the
-next figure starts, so slow drift of the shared machine affects all chains alike.
+correctly (seconds; no timing is asserted). Figures are measured in rounds, every chain in turn
+within a round, so slow drift of the shared machine affects all chains alike: bulk cells are the
+median of ``--rounds`` downloads, request and tunnel cells the median of ``--load-rounds`` runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from bench.chains import CHAIN_NAMES, REQUIRED_COMMANDS, Chain, Context, build_all
 from bench.many import ManyResult, many_tunnels
-from bench.measure import curl_download, fetch, tunnels, wrk
+from bench.measure import TunnelResult, WrkResult, curl_download, fetch, tunnels, wrk
 from bench.procs import BenchError, ProcessTable, cpu_seconds, peak_rss_bytes, raise_open_files
 from bench.report import ChainResult, environment, goals, table
 from bench.target import Target, start_target
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chains", default=",".join(CHAIN_NAMES), help="comma-separated chains")
     parser.add_argument("--rounds", type=int, default=3, help="bulk downloads per chain and mode")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each wrk/tunnel run")
+    parser.add_argument(
+        "--load-rounds", type=int, default=3, help="c1/c64/tunnel runs per chain (median)"
+    )
     parser.add_argument("--tunnels", type=int, default=10_000, help="many-tunnels test size")
     parser.add_argument("--hold", type=float, default=30.0, help="many-tunnels hold time (s)")
     parser.add_argument("--skip-many", action="store_true", help="skip the many-tunnels test")
@@ -136,32 +140,50 @@ def measure(
                 cpu, moved = cpu_bulk[chain.name]
                 result.cpu_s_per_gb = cpu / (moved / 1e9)
 
+    # The request and tunnel loads run in rounds, each round every chain in turn, and each figure
+    # is the median of its rounds: one 5 s run moved c64 cells by a third between back-to-back
+    # runs on a shared VM, and interleaving spreads slow drift over all chains alike.
+    c1_runs: dict[str, list[WrkResult]] = {c.name: [] for c in chains}
+    c64_runs: dict[str, list[tuple[WrkResult, float]]] = {c.name: [] for c in chains}
+    tunnel_runs: dict[str, list[TunnelResult]] = {c.name: [] for c in chains}
+    for round_no in range(args.load_rounds):
+        for chain in chains:
+            c1 = wrk(target, chain, connections=1, seconds=args.seconds)
+            c1_runs[chain.name].append(c1)
+            _progress(f"c1 {round_no + 1} {chain.name}: p50 {c1.p50_ms:.3f} ms "
+                      f"p99 {c1.p99_ms:.3f} ms")  # fmt: skip
+        for chain in chains:
+            before = chain_cpu(chain)
+            c64 = wrk(target, chain, connections=64, seconds=args.seconds)
+            c64_runs[chain.name].append((c64, chain_cpu(chain) - before))
+            _progress(f"c64 {round_no + 1} {chain.name}: {c64.rate:,.0f} req/s, "
+                      f"{c64.errors} errors")  # fmt: skip
+        for chain in chains:
+            tun = asyncio.run(
+                tunnels(chain, target, concurrency=16, seconds=args.seconds, ttfb_samples=200)
+            )
+            tunnel_runs[chain.name].append(tun)
+            _progress(f"tunnels {round_no + 1} {chain.name}: {tun.rate:,.0f}/s, "
+                      f"TTFB {tun.ttfb_p50_ms:.3f} ms")  # fmt: skip
     for chain in chains:
-        c1 = wrk(target, chain, connections=1, seconds=args.seconds)
-        results[chain.name].p50_ms, results[chain.name].p99_ms = c1.p50_ms, c1.p99_ms
-        if c1.errors:
-            results[chain.name].problems.append(f"c1: {c1.errors} errors")
-        _progress(f"c1 {chain.name}: p50 {c1.p50_ms:.3f} ms p99 {c1.p99_ms:.3f} ms")
-    for chain in chains:
-        before = chain_cpu(chain)
-        c64 = wrk(target, chain, connections=64, seconds=args.seconds)
-        used = chain_cpu(chain) - before
         result = results[chain.name]
-        result.rate_c64 = c64.rate
-        if chain.pids and c64.requests:
-            result.cpu_us_per_request = used / c64.requests * 1e6
-        if c64.errors:
-            result.problems.append(f"c64: {c64.errors} errors of {c64.requests} requests")
-        _progress(f"c64 {chain.name}: {c64.rate:,.0f} req/s, {c64.errors} errors")
-    for chain in chains:
-        tun = asyncio.run(
-            tunnels(chain, target, concurrency=16, seconds=args.seconds, ttfb_samples=200)
-        )
-        results[chain.name].tunnels_per_s = tun.rate
-        results[chain.name].ttfb_ms = tun.ttfb_p50_ms
-        if tun.failures:
-            results[chain.name].problems.append(f"tunnels: {tun.failures} failures")
-        _progress(f"tunnels {chain.name}: {tun.rate:,.0f}/s, TTFB {tun.ttfb_p50_ms:.3f} ms")
+        c1s = c1_runs[chain.name]
+        result.p50_ms = statistics.median(r.p50_ms for r in c1s)
+        result.p99_ms = statistics.median(r.p99_ms for r in c1s)
+        if errors := sum(r.errors for r in c1s):
+            result.problems.append(f"c1: {errors} errors")
+        c64s = c64_runs[chain.name]
+        result.rate_c64 = statistics.median(r.rate for r, _ in c64s)
+        requests = sum(r.requests for r, _ in c64s)
+        if chain.pids and requests:
+            result.cpu_us_per_request = sum(used for _, used in c64s) / requests * 1e6
+        if errors := sum(r.errors for r, _ in c64s):
+            result.problems.append(f"c64: {errors} errors of {requests} requests")
+        tuns = tunnel_runs[chain.name]
+        result.tunnels_per_s = statistics.median(t.rate for t in tuns)
+        result.ttfb_ms = statistics.median(t.ttfb_p50_ms for t in tuns)
+        if failures := sum(t.failures for t in tuns):
+            result.problems.append(f"tunnels: {failures} failures")
     for chain in chains:
         if chain.pids:
             results[chain.name].peak_rss_mb = peak_rss_bytes(table_.tree(chain.pids)) / MiB
