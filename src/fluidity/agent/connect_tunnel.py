@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
 from typing import TYPE_CHECKING
 
 from fluidity.agent.http_codec import ProtocolError, RequestHead, RequestReader, response_head
@@ -39,6 +38,7 @@ from fluidity.agent.http_messages import (
     reason_phrase,
     request_body_framing,
 )
+from fluidity.agent.pipe import reset_connection
 from fluidity.agent.streams import PushStream, StreamOpenError
 
 if TYPE_CHECKING:
@@ -47,17 +47,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fluidity.agent.http")
 
 CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
-_LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-def reset_connection(transport: asyncio.BaseTransport) -> None:
-    """Close a client connection with an RST rather than a FIN (a raw tunnel cut short)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            # Linger on, timeout 0: closing sends an RST (a plain abort sends a FIN).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    transport.abort()  # type: ignore[attr-defined]  # every stream transport has it
 
 
 def serve_connect_now(proxy: HttpProxy, transport: asyncio.Transport, first: bytes) -> bool:

@@ -18,7 +18,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from fluidity.agent.connect_tunnel import CONNECT_OK, reset_connection
+from fluidity.agent.connect_tunnel import CONNECT_OK
 from fluidity.agent.http_codec import (
     END,
     NEED_DATA,
@@ -55,7 +55,7 @@ from fluidity.agent.http_messages import (
     upgrade_protocols,
     upstream_request_headers,
 )
-from fluidity.agent.pipe import pipe
+from fluidity.agent.pipe import pipe, reset_connection
 from fluidity.agent.streams import StreamOpenError
 
 if TYPE_CHECKING:

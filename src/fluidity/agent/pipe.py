@@ -11,11 +11,16 @@ of the tunnel are), so a tunnel holds one task; other streams get a second task 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import cast
 
 from fluidity.agent.streams import PushStream, StreamOpenError, TunnelStream
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 @dataclass(slots=True)
@@ -25,6 +30,16 @@ class PipeResult:
     sent: int = 0  # client -> stream
     received: int = 0  # stream -> client
     clean: bool = False
+
+
+def reset_connection(transport: asyncio.BaseTransport) -> None:
+    """Close a client connection with an RST rather than a FIN (a raw tunnel cut short)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            # Linger on, timeout 0: closing sends an RST (a plain abort sends a FIN).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()  # type: ignore[attr-defined]  # every stream transport has it
 
 
 def pipe(

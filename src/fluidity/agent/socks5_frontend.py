@@ -12,11 +12,10 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
 from collections.abc import Callable
 
 from fluidity.agent.http_messages import format_target
-from fluidity.agent.pipe import pipe
+from fluidity.agent.pipe import pipe, reset_connection
 from fluidity.agent.socks5 import HandshakeFailed, Reply, Socks5Handshake, reply_for
 from fluidity.agent.streams import StreamOpener, StreamOpenError
 from fluidity.logs import log
@@ -111,7 +110,7 @@ class Socks5Frontend:
             self.bytes_sent += result.sent + len(early)
             self.bytes_received += result.received
             if not result.clean:
-                _reset(writer)
+                reset_connection(writer.transport)
         finally:
             stream.close()
 
@@ -137,16 +136,6 @@ async def _flush_and_close(writer: asyncio.StreamWriter) -> None:
         if writer.can_write_eof():
             writer.write_eof()
         await writer.drain()
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """End a tunnel whose other side failed with an RST: a FIN would say the data ended well."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            # Linger on with a zero timeout: closing sends an RST.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 def _no_delay(writer: asyncio.StreamWriter) -> None:
