@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pypac.parser import PACFile
 
-from fluidity.agent.frontdoor import client_address
+from fluidity.agent.first_read import client_address
 from fluidity.agent.http_messages import LocalRequest
 from fluidity.agent.pac import build_pac, parse_pac_result
 from fluidity.agent.status import AgentPages, PacSettings

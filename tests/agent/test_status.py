@@ -8,7 +8,7 @@ import base64
 import pytest
 
 from fluidity import cli
-from fluidity.agent.frontdoor import client_address
+from fluidity.agent.first_read import client_address
 from fluidity.agent.http_messages import LocalRequest
 from fluidity.agent.status import AgentPages, AgentStatus, PacSettings
 from fluidity.certs import PkiPaths

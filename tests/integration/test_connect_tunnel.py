@@ -44,7 +44,7 @@ async def running_agent(pki: PkiPaths, server_port: int, **overrides: Any) -> As
 
 
 def idle(agent: Agent) -> bool:
-    return agent.proxy.active_connections == 0 and agent.proxy.task_less_tunnels == 0
+    return agent.proxy.active_connections == 0 and agent.proxy.task_less_connections == 0
 
 
 async def test_tunnel_echoes_with_half_close_and_holds_no_task(pki: PkiPaths) -> None:
@@ -71,7 +71,7 @@ async def _echo_through_a_task_less_tunnel(pki: PkiPaths) -> None:
         assert await reader.readexactly(32) == payload[:32]
         # One task more: the echo origin's handler. The tunnel itself has none.
         assert len(asyncio.all_tasks()) - baseline == 1
-        assert agent.proxy.task_less_tunnels == 1
+        assert agent.proxy.task_less_connections == 1
         assert agent.proxy.active_connections == 1
         writer.write(payload[32:])
         writer.write_eof()  # the client's half-close reaches the origin as EOF...
@@ -94,7 +94,7 @@ async def test_bytes_sent_with_the_head_go_through_once_the_stream_opens(pki: Pk
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
         assert await reader.readexactly(11) == b"early bytes"
-        assert agent.proxy.task_less_tunnels == 1
+        assert agent.proxy.task_less_connections == 1
         writer.close()
         await until(lambda: idle(agent))
 
@@ -112,7 +112,7 @@ async def test_origin_that_closes_first_ends_the_download_cleanly(pki: PkiPaths)
         while chunk := await reader.read(256 * 1024):  # ends with a FIN, not a reset
             digest.update(chunk)
         # The client's direction is still open after the origin's EOF: closing it ends the tunnel.
-        assert agent.proxy.task_less_tunnels == 1
+        assert agent.proxy.task_less_connections == 1
         writer.close()
         await until(lambda: idle(agent))
     assert digest.hexdigest() == expected_source_digest(size)
@@ -262,7 +262,7 @@ async def test_stopping_the_agent_closes_open_tunnels(pki: PkiPaths) -> None:
         agent_cm = running_agent(pki, server.port)
         agent = await agent_cm.__aenter__()
         tunnels = [await connect_via(agent.proxy_port, f"127.0.0.1:{echo_port}") for _ in range(20)]
-        assert agent.proxy.task_less_tunnels == 20
+        assert agent.proxy.task_less_connections == 20
         await asyncio.wait_for(agent_cm.__aexit__(None, None, None), 10)
         assert idle(agent)
         for reader, writer, _ in tunnels:
@@ -288,7 +288,7 @@ async def test_split_head_is_served_by_the_session(pki: PkiPaths) -> None:
         assert head.startswith(b"HTTP/1.1 200")
         writer.write(b"hello")
         assert await reader.readexactly(5) == b"hello"
-        assert agent.proxy.task_less_tunnels == 0
+        assert agent.proxy.task_less_connections == 0
         assert agent.proxy.active_connections == 1
         writer.close()
         await until(lambda: idle(agent))
@@ -317,7 +317,7 @@ async def test_with_proxy_auth_the_session_answers_407_then_tunnels(pki: PkiPath
         assert head.startswith(b"HTTP/1.1 200")
         writer.write(b"hi")
         assert await reader.readexactly(2) == b"hi"
-        assert agent.proxy.task_less_tunnels == 0
+        assert agent.proxy.task_less_connections == 0
         writer.close()
         await until(lambda: idle(agent))
 
@@ -333,12 +333,12 @@ async def test_connect_before_the_link_is_up_waits_in_the_session_then_tunnels(
         # waits for a link within link_wait_timeout.
         connecting = asyncio.create_task(connect_via(agent.proxy_port, f"127.0.0.1:{echo_port}"))
         await until(lambda: agent.proxy.active_connections == 1)
-        assert agent.proxy.task_less_tunnels == 0
+        assert agent.proxy.task_less_connections == 0
         async with running_server(pki, listen_port=free_port):
             reader, writer, head = await asyncio.wait_for(connecting, 10)
             assert head.startswith(b"HTTP/1.1 200")
             writer.write(b"late")
             assert await reader.readexactly(4) == b"late"
-            assert agent.proxy.task_less_tunnels == 0
+            assert agent.proxy.task_less_connections == 0
             writer.close()
             await until(lambda: idle(agent))

@@ -70,14 +70,15 @@ class FakeProxy:
         self.full = full
         self.adopted: list[ConnectTunnel] = []
         self.open_failures = 0
+        self.requests = 0
 
     def admits_another(self) -> bool:
         return not self.full
 
-    def adopt_tunnel(self, tunnel: ConnectTunnel) -> None:
+    def adopt_connection(self, tunnel: ConnectTunnel) -> None:
         self.adopted.append(tunnel)
 
-    def tunnel_closed(self, tunnel: ConnectTunnel) -> None:
+    def connection_closed(self, tunnel: ConnectTunnel) -> None:
         self.adopted.remove(tunnel)
 
 
@@ -124,6 +125,7 @@ def test_a_whole_connect_head_with_a_link_up_becomes_a_task_less_tunnel() -> Non
     assert opener.opened == [("example.com", 443)]
     assert isinstance(transport.protocol, ConnectTunnel)
     assert proxy.adopted == [transport.protocol]
+    assert proxy.requests == 1
     assert stream.written == [b"\x16\x03\x01early"]  # queued until the stream opens
     assert stream.consumer is transport.protocol
     assert transport.out == []  # no 200 before the target accepted

@@ -16,7 +16,7 @@ import hmac
 import logging
 from collections.abc import Iterable, Sequence
 
-from fluidity.agent.frontdoor import current_client
+from fluidity.agent.first_read import current_client
 from fluidity.agent.http_messages import LocalResponse
 from fluidity.logs import log
 

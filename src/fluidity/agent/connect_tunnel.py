@@ -23,22 +23,20 @@ would tell it the data ended normally.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 from typing import TYPE_CHECKING
 
-from fluidity.agent.http_codec import ProtocolError, RequestHead, RequestReader, response_head
+from fluidity.agent.http_codec import ProtocolError, RequestHead, RequestReader
+from fluidity.agent.http_exchange import answer
 from fluidity.agent.http_messages import (
     BadRequestError,
     HeadScanner,
     failure_status,
     failure_text,
     parse_connect_target,
-    reason_phrase,
     request_body_framing,
 )
-from fluidity.agent.pipe import reset_connection
+from fluidity.agent.pipe import no_delay, reset_connection
 from fluidity.agent.streams import PushStream, StreamOpenError
 
 if TYPE_CHECKING:
@@ -84,12 +82,9 @@ def serve_connect_now(proxy: HttpProxy, transport: asyncio.Transport, first: byt
     early, _ = requests.trailing_data
     tunnel = ConnectTunnel(proxy, transport, stream, target.display)
     transport.set_write_buffer_limits(high=limits.read_chunk)
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        # The 200 and the first small records must not wait for Nagle's algorithm.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    proxy.adopt_tunnel(tunnel)
+    no_delay(transport)
+    proxy.adopt_connection(tunnel)
+    proxy.requests += 1
     transport.set_protocol(tunnel)
     tunnel.start(early)
     return True
@@ -176,7 +171,7 @@ class ConnectTunnel(asyncio.Protocol):
         stream.on_writable(None)
         stream.push_to(None)
         stream.close()
-        self._proxy.tunnel_closed(self)
+        self._proxy.connection_closed(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -227,13 +222,9 @@ class ConnectTunnel(asyncio.Protocol):
         logger.info("http.open_failed target=%s reason=%s", self._target, error.failure.value)
         status = failure_status(error.failure)
         body = failure_text(self._target, error.failure, error.message).encode()
-        headers = [
-            (b"Content-Type", b"text/plain; charset=utf-8"),
-            (b"Content-Length", str(len(body)).encode()),
-            (b"Connection", b"close"),
-        ]
+        headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
         transport = self._transport
-        transport.writelines((response_head(status, reason_phrase(status), headers), body))
+        transport.writelines(answer(status, headers, body, close=True, head_request=False))
         transport.close()
 
     def _stream_writable(self) -> None:

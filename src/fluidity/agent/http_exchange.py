@@ -29,13 +29,57 @@ from fluidity.agent.http_codec import (
     response_head,
 )
 from fluidity.agent.http_messages import (
+    Header,
     downstream_response_headers,
     failure_status,
     failure_text,
+    reason_phrase,
 )
 from fluidity.agent.streams import StreamOpenError, TunnelStream
 
 _BODILESS_STATUSES = frozenset({204, 304})
+
+
+def client_head(
+    event: ResponseHead, *, http_11: bool, head_request: bool, keep_alive: bool
+) -> tuple[bytes, bool, bool]:
+    """The head to send the client for a final response ``event``; whether the body must go to
+    the client chunked; whether the client connection stays reusable after it.
+
+    A body without a Content-Length (chunked, or read until the origin closes) goes chunked to an
+    HTTP/1.1 client and close-delimited to an HTTP/1.0 one. ``keep_alive``: the client allows
+    another request.
+    """
+    headers = downstream_response_headers(event.raw_headers, upgrade=False)
+    bodiless = head_request or event.status in _BODILESS_STATUSES
+    chunked_out = False
+    if not bodiless and (event.chunked or event.content_length is None):
+        if http_11:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+            chunked_out = True
+        else:
+            keep_alive = False  # the end of the body is the end of the connection
+    if not keep_alive:
+        headers.append((b"Connection", b"close"))
+    return response_head(event.status, event.reason, headers), chunked_out, keep_alive
+
+
+def interim_head(event: ResponseHead) -> bytes:
+    """The head of a 1xx response (other than 101) as an HTTP/1.1 client gets it."""
+    headers = downstream_response_headers(event.raw_headers, upgrade=False)
+    return response_head(event.status, event.reason, headers)
+
+
+def answer(
+    status: int, headers: list[Header], body: bytes, *, close: bool, head_request: bool
+) -> tuple[bytes, ...]:
+    """A whole answer from the proxy itself (an error, a local page), as pieces for
+    ``writelines``; ``close`` adds ``Connection: close``, a HEAD request gets no body."""
+    headers.append((b"Content-Length", str(len(body)).encode()))
+    if close:
+        headers.append((b"Connection", b"close"))
+    head = response_head(status, reason_phrase(status), headers)
+    return (head, body) if body and not head_request else (head,)
 
 
 class AbortExchangeError(Exception):
@@ -209,20 +253,15 @@ async def _relay_response(
                         raise ProtocolError("101 without an upgrade request")
                     # 1xx (100 Continue, 103 Early Hints) mean nothing to an HTTP/1.0 client.
                     if client.http_11:
-                        headers = downstream_response_headers(event.raw_headers, upgrade=False)
-                        out.append(response_head(event.status, event.reason, headers))
+                        out.append(interim_head(event))
                     continue
-                headers = downstream_response_headers(event.raw_headers, upgrade=False)
-                bodiless = client.head_request or event.status in _BODILESS_STATUSES
-                if not bodiless and (event.chunked or event.content_length is None):
-                    if client.http_11:
-                        headers.append((b"Transfer-Encoding", b"chunked"))
-                        chunked_out = True
-                    else:
-                        reusable = False  # the end of the body is the end of the connection
-                if not reusable:
-                    headers.append((b"Connection", b"close"))
-                out.append(response_head(event.status, event.reason, headers))
+                head, chunked_out, reusable = client_head(
+                    event,
+                    http_11=client.http_11,
+                    head_request=client.head_request,
+                    keep_alive=reusable,
+                )
+                out.append(head)
                 head_sent = True
             elif event is END:
                 if chunked_out:

@@ -3,7 +3,10 @@
 :class:`HttpProxy` listens for clients (browsers, curl, SDKs) and, for every request, opens a byte
 stream to the target through a :class:`~fluidity.agent.streams.StreamOpener` (the tunnel in
 production, :class:`~fluidity.agent.direct.DirectOpener` in tests). Each client connection is
-served by a :class:`~fluidity.agent.http_session.ClientSession`.
+served by a :class:`~fluidity.agent.http_session.ClientSession`, unless its first bytes let it be
+served by event-loop callbacks alone (:meth:`HttpProxy.serve_now`): a CONNECT tunnel
+(:mod:`.connect_tunnel`) or a relay of body-less keep-alive requests (:mod:`.request_relay`),
+which hands the connection to a session at the first request it does not serve.
 
 Worst-case memory per client connection, with the defaults in brackets: the socket read buffer
 (``2 * read_chunk``: asyncio pauses reading above twice its limit), the chunk being forwarded and
@@ -16,16 +19,18 @@ the chunk that crossed it) and a request head in progress (``max_header_bytes``)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from fluidity.agent.connect_tunnel import ConnectTunnel
+from fluidity.agent.connect_tunnel import serve_connect_now
 from fluidity.agent.fdlimit import ConnectionGate
+from fluidity.agent.first_read import FirstRead, StreamHandler, start_stream_handler
 from fluidity.agent.http_messages import LocalHandler, LocalResponse
 from fluidity.agent.http_session import ClientSession
+from fluidity.agent.pipe import no_delay
+from fluidity.agent.request_relay import serve_requests_now
 from fluidity.agent.streams import StreamOpener
 
 logger = logging.getLogger("fluidity.agent.http")
@@ -35,6 +40,13 @@ _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 #: Decides whether a proxy request may be served, from its header fields (lowercase names):
 #: ``None`` to serve it, or the answer to send instead (e.g. 407 Proxy Authentication Required).
 Authorizer = Callable[[Sequence[tuple[bytes, bytes]]], LocalResponse | None]
+
+
+class TaskLessConnection(Protocol):
+    """A client connection served by its transport's callbacks (a CONNECT tunnel, a relay)."""
+
+    def abort(self) -> None:
+        """Cut the connection now; its ``connection_lost`` reports it gone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +109,8 @@ class HttpProxy:
         self._servers: list[asyncio.Server] = []
         self._sessions: set[asyncio.Task[None]] = set()
         self._closing: set[asyncio.Task[None]] = set()
-        # Task-less CONNECT tunnels (see connect_tunnel), and who waits for the last one to end.
-        self._tunnels: set[ConnectTunnel] = set()
+        # Task-less connections (see serve_now), and who waits for the last one to end.
+        self._tunnels: set[TaskLessConnection] = set()
         self._tunnels_gone: asyncio.Future[None] | None = None
         self._own_addresses: set[tuple[str, int]] = set()
 
@@ -109,11 +121,28 @@ class HttpProxy:
 
         Call several times to listen on several addresses; :meth:`close` stops them all.
         """
-        server = await asyncio.start_server(
-            self.handle_connection, host, port, limit=self.limits.read_chunk, backlog=backlog
-        )
+        timeout = self.limits.header_read_timeout
+        server = await asyncio.get_running_loop().create_server(
+            lambda: FirstRead(self._choose_handler, timeout, self.serve_now), host, port,
+            backlog=backlog,
+        )  # fmt: skip
         self.adopt_server(server)
         return server
+
+    def _choose_handler(self, first: bytes) -> tuple[StreamHandler, int]:
+        return self.handle_connection, self.limits.read_chunk
+
+    def serve_now(self, transport: asyncio.Transport, first: bytes) -> bool:
+        """Serve a new connection without a task if its first read ``first`` allows: a CONNECT
+        tunnel or a request relay. False: nothing happened, serve it with
+        :meth:`handle_connection`."""
+        if first.startswith(b"CONNECT "):
+            return serve_connect_now(self, transport, first)
+        return serve_requests_now(self, transport, first, self._hand_to_session)
+
+    def _hand_to_session(self, transport: asyncio.Transport, data: bytes, eof: bool) -> None:
+        limit = self.limits.read_chunk
+        start_stream_handler(transport, self.handle_connection, limit, data, eof=eof)
 
     def adopt_server(self, server: asyncio.Server) -> None:
         """Treat ``server`` as one of this proxy's listeners (one that calls
@@ -152,11 +181,7 @@ class HttpProxy:
                 return
             transport = writer.transport
             transport.set_write_buffer_limits(high=self.limits.read_chunk)
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                # Small responses (heads, errors) must not wait for Nagle's algorithm.
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            no_delay(transport)
             await ClientSession(self, reader, writer).run()
         except asyncio.CancelledError:
             if task not in self._closing:
@@ -168,28 +193,28 @@ class HttpProxy:
             self._sessions.discard(task)
             self._closing.discard(task)
 
-    # --- task-less tunnels (fluidity.agent.connect_tunnel) ------------------------------------
+    # --- task-less connections (serve_now) ----------------------------------------------------
 
     @property
-    def task_less_tunnels(self) -> int:
-        """Open CONNECT tunnels served without a task (counted in ``active_connections`` too)."""
+    def task_less_connections(self) -> int:
+        """Open client connections served without a task: CONNECT tunnels and request relays
+        (counted in ``active_connections`` too)."""
         return len(self._tunnels)
 
     def admits_another(self) -> bool:
         """True if one more client connection stays within ``max_connections``."""
         return self._gate is None or not self._gate.full(self.active_connections + 1)
 
-    def adopt_tunnel(self, tunnel: ConnectTunnel) -> None:
-        """Count ``tunnel`` as a client connection (and its request) until it closes."""
-        self._tunnels.add(tunnel)
+    def adopt_connection(self, connection: TaskLessConnection) -> None:
+        """Count ``connection`` as a client connection until it closes or is handed over."""
+        self._tunnels.add(connection)
         self.active_connections += 1
         self.total_connections += 1
-        self.requests += 1
 
-    def tunnel_closed(self, tunnel: ConnectTunnel) -> None:
-        """``tunnel``'s client connection is gone."""
-        if tunnel in self._tunnels:
-            self._tunnels.discard(tunnel)
+    def connection_closed(self, connection: TaskLessConnection) -> None:
+        """``connection`` is gone (or went to a session, which counts it anew)."""
+        if connection in self._tunnels:
+            self._tunnels.discard(connection)
             self.active_connections -= 1
         waiter = self._tunnels_gone
         if not self._tunnels and waiter is not None and not waiter.done():
@@ -226,8 +251,8 @@ class HttpProxy:
         for task in list(self._sessions):
             self._closing.add(task)
             task.cancel()
-        for tunnel in list(self._tunnels):
-            tunnel.abort()
+        for connection in list(self._tunnels):
+            connection.abort()
 
     async def aclose(self) -> None:
         """Stop accepting, close every connection and wait until they are all gone."""

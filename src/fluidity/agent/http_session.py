@@ -35,6 +35,7 @@ from fluidity.agent.http_exchange import (
     ClientSide,
     Upstream,
     UpstreamError,
+    answer,
     exchange,
 )
 from fluidity.agent.http_messages import (
@@ -50,7 +51,6 @@ from fluidity.agent.http_messages import (
     failure_text,
     parse_absolute_target,
     parse_connect_target,
-    reason_phrase,
     request_body_framing,
     upgrade_protocols,
     upstream_request_headers,
@@ -389,14 +389,10 @@ class ClientSession:
         close = close or not self._request_read or not self._keep_alive
         if self._in_body:
             self._linger = True
-        headers.append((b"Content-Length", str(len(body)).encode()))
-        if close:
-            headers.append((b"Connection", b"close"))
-        head = response_head(status, reason_phrase(status), headers)
-        if self._method != b"HEAD" and body:
-            self._writer.writelines((head, body))
-        else:
-            self._writer.write(head)
+        head_request = self._method == b"HEAD"
+        self._writer.writelines(
+            answer(status, headers, body, close=close, head_request=head_request)
+        )
         return not close
 
     # -- closing -----------------------------------------------------------------------------

@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import Callable
 
 from fluidity.agent.http_messages import format_target
-from fluidity.agent.pipe import pipe, reset_connection
+from fluidity.agent.pipe import no_delay, pipe, reset_connection
 from fluidity.agent.socks5 import HandshakeFailed, Reply, Socks5Handshake, reply_for
 from fluidity.agent.streams import StreamOpener, StreamOpenError
 from fluidity.logs import log
@@ -56,7 +55,7 @@ class Socks5Frontend:
         self.active_connections += 1
         self.total_connections += 1
         try:
-            _no_delay(writer)
+            no_delay(writer.transport)
             await self._serve(reader, writer)
         except (OSError, StreamOpenError):
             pass  # the client or the stream went away: closing is all that is left
@@ -136,13 +135,6 @@ async def _flush_and_close(writer: asyncio.StreamWriter) -> None:
         if writer.can_write_eof():
             writer.write_eof()
         await writer.drain()
-
-
-def _no_delay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from fluidity import __version__
-from fluidity.agent.frontdoor import current_client
+from fluidity.agent.first_read import current_client
 from fluidity.agent.http_messages import LocalRequest, LocalResponse, format_target
 from fluidity.agent.pac import PAC_CONTENT_TYPE, build_pac
 

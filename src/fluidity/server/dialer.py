@@ -250,7 +250,10 @@ async def _connect_any(
             async with asyncio.timeout(budget) as scope:
                 return await connector(address, port)
         except TimeoutError as exc:
-            within = _seconds(budget) if scope.expired() else f"({exc.strerror or exc})"
+            # One address had the whole dial: say the configured timeout, not the few
+            # milliseconds less that were left of it after the DNS lookup.
+            spent = timeout if len(addresses) == 1 else budget
+            within = _seconds(spent) if scope.expired() else f"({exc.strerror or exc})"
             failures.append((DialFailure.TIMEOUT, f"no answer from {where} within {within}"))
             continue
         except ConnectionRefusedError:
