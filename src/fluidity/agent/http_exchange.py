@@ -50,7 +50,7 @@ def client_head(
     HTTP/1.1 client and close-delimited to an HTTP/1.0 one. ``keep_alive``: the client allows
     another request.
     """
-    headers = downstream_response_headers(event.raw_headers, upgrade=False)
+    headers = downstream_response_headers(event.raw_headers, upgrade=False, lowered=event.headers)
     bodiless = head_request or event.status in _BODILESS_STATUSES
     chunked_out = False
     if not bodiless and (event.chunked or event.content_length is None):
@@ -66,7 +66,7 @@ def client_head(
 
 def interim_head(event: ResponseHead) -> bytes:
     """The head of a 1xx response (other than 101) as an HTTP/1.1 client gets it."""
-    headers = downstream_response_headers(event.raw_headers, upgrade=False)
+    headers = downstream_response_headers(event.raw_headers, upgrade=False, lowered=event.headers)
     return response_head(event.status, event.reason, headers)
 
 

@@ -8,6 +8,7 @@ that applies them lives in :mod:`fluidity.agent.http_proxy`.
 
 from __future__ import annotations
 
+import functools
 import http
 import ipaddress
 import re
@@ -40,6 +41,9 @@ HOP_BY_HOP = frozenset(
         b"proxy-authenticate",
     }
 )
+
+# Never copied from the client's request: hop-by-hop fields, and the two the proxy restates.
+_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length"}
 
 #: Methods whose request may be replayed on a fresh upstream when a reused one was stale.
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -111,6 +115,10 @@ def format_target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# A pure function of its arguments that a keep-alive client calls with the same authority
+# request after request: the cache saves the regular expressions (invalid ones raise, and
+# exceptions are never cached).
+@functools.lru_cache(maxsize=256)
 def parse_authority(authority: bytes, default_port: int | None) -> tuple[str, int]:
     """Split ``host[:port]`` (``[v6]:port`` for IPv6) into a host and a port in 1..65535.
 
@@ -257,13 +265,12 @@ def upstream_request_headers(
     value.
     """
     items = list(raw_headers)
-    drop = HOP_BY_HOP | connection_tokens((n.lower(), v) for n, v in items)
+    tokens = connection_tokens((n.lower(), v) for n, v in items)
+    drop = _NOT_FORWARDED | tokens if tokens else _NOT_FORWARDED
     out: list[Header] = [(b"Host", authority)]
     for name, value in items:
-        lower = name.lower()
-        if lower in drop or lower in {b"host", b"content-length"}:
-            continue
-        out.append((name, value))
+        if name.lower() not in drop:
+            out.append((name, value))
     if body_framing == CHUNKED:
         out.append((b"Transfer-Encoding", b"chunked"))
     elif body_framing is not None:
@@ -274,29 +281,28 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(raw_headers: Iterable[Header], *, upgrade: bool) -> list[Header]:
+def downstream_response_headers(
+    raw_headers: Iterable[Header], *, upgrade: bool, lowered: list[Header] | None = None
+) -> list[Header]:
     """Headers to send to the client for an origin response: no hop-by-hop headers.
 
     Content-Length is kept (so the client sees the origin's framing) unless the origin used
     Transfer-Encoding, in which case the body is framed anew for the client. For a 101 switching
-    response (``upgrade``), Connection and Upgrade are kept.
+    response (``upgrade``), Connection and Upgrade are kept. ``lowered``: the same fields with
+    lowercase names, when the caller has them (``ResponseHead.headers``).
     """
     items = list(raw_headers)
-    lowered = [(n.lower(), v) for n, v in items]
-    drop = HOP_BY_HOP | connection_tokens(lowered)
+    if lowered is None:
+        lowered = [(n.lower(), v) for n, v in items]
+    tokens = connection_tokens(lowered)
+    drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
     if any(name == b"transfer-encoding" for name, _ in lowered):
         drop = drop | {b"content-length"}
-    out: list[Header] = []
-    upgrade_values: list[bytes] = []
-    for (name, value), (lower, _) in zip(items, lowered, strict=True):
-        if lower == b"upgrade":
-            upgrade_values.append(value)
-        if lower in drop:
-            continue
-        out.append((name, value))
+    pairs = zip(items, lowered, strict=True)
+    out = [item for item, (lower, _) in pairs if lower not in drop]
     if upgrade:
         out.append((b"Connection", b"Upgrade"))
-        out.extend((b"Upgrade", value) for value in upgrade_values)
+        out.extend((b"Upgrade", value) for name, value in lowered if name == b"upgrade")
     return out
 
 
