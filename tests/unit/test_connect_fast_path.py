@@ -75,6 +75,9 @@ class FakeProxy:
     def admits_another(self) -> bool:
         return not self.full
 
+    def is_own_address(self, host: str, port: int) -> bool:
+        return (host, port) == ("127.0.0.1", 8080)
+
     def adopt_connection(self, tunnel: ConnectTunnel) -> None:
         self.adopted.append(tunnel)
 

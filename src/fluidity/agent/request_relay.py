@@ -277,9 +277,10 @@ class RequestRelay(asyncio.Protocol):
             request = requests.next_event()
             if type(request) is not RequestHead or requests.next_event() is not END:
                 return False
+            framing = request_body_framing(request.headers)
             if (
                 request.method not in IDEMPOTENT_METHODS
-                or request_body_framing(request.headers) not in (None, 0)
+                or framing not in (None, 0)
                 or not request.target[:1].isalpha()  # origin form: answered by the proxy itself
                 or upgrade_protocols(request.headers) is not None
             ):
@@ -298,7 +299,7 @@ class RequestRelay(asyncio.Protocol):
             if upstream is None:
                 return False  # no link up now: the session waits for one
         headers = upstream_request_headers(
-            request.raw_headers, authority=target.authority, body_framing=None, upgrade=None
+            request.raw_headers, authority=target.authority, body_framing=framing, upgrade=None
         )
         requests.start_next_cycle()
         proxy.requests += 1
