@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from fluidity.agent.http_codec import ProtocolError, RequestHead, RequestReader
 from fluidity.agent.http_exchange import answer
@@ -45,6 +45,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fluidity.agent.http")
 
 CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+class TunnelOwner(Protocol):
+    """Who counts a tunnel's connection: the HTTP proxy, or the SOCKS5 front end."""
+
+    #: Streams that could not be opened (the tunnel adds its own failed open).
+    open_failures: int
+
+    def connection_closed(self, connection: ConnectTunnel) -> None:
+        """``connection``'s client connection is gone."""
 
 
 def serve_connect_now(proxy: HttpProxy, transport: asyncio.Transport, first: bytes) -> bool:
@@ -102,8 +112,9 @@ class ConnectTunnel(asyncio.Protocol):
 
     __slots__ = (
         "_client_ended",
+        "_greeting",
         "_opened",
-        "_proxy",
+        "_owner",
         "_read_paused",
         "_stream",
         "_stream_ended",
@@ -112,12 +123,21 @@ class ConnectTunnel(asyncio.Protocol):
         "_withheld",
         "_write_paused",
         "closed",
+        "received",
+        "sent",
     )
 
     def __init__(
-        self, proxy: HttpProxy, transport: asyncio.Transport, stream: PushStream, target: str
+        self,
+        owner: TunnelOwner,
+        transport: asyncio.Transport,
+        stream: PushStream,
+        target: str,
+        *,
+        greeting: bytes = CONNECT_OK,
     ) -> None:
-        self._proxy = proxy
+        self._owner = owner
+        self._greeting = greeting  # sent once the stream is open (SOCKS5 replied already)
         self._transport = transport
         self._stream = stream
         self._target = target
@@ -128,12 +148,15 @@ class ConnectTunnel(asyncio.Protocol):
         self._write_paused = False
         self._withheld = 0  # bytes written to the client whose window is not released yet
         self.closed = False
+        self.sent = 0  # bytes from the client to the stream
+        self.received = 0  # bytes from the stream to the client
 
     def start(self, early: bytes) -> None:
         """Begin: bytes the client sent behind the head go out as soon as the stream opens."""
         stream = self._stream
         stream.on_writable(self._stream_writable)
         if early:
+            self.sent += len(early)
             stream.write(early)  # the stream queues it until the open result
         stream.push_to(self)
 
@@ -149,6 +172,7 @@ class ConnectTunnel(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         stream = self._stream
+        self.sent += len(data)
         stream.write(data)
         if stream.write_blocked and not self._read_paused:
             self._read_paused = True
@@ -171,7 +195,7 @@ class ConnectTunnel(asyncio.Protocol):
         stream.on_writable(None)
         stream.push_to(None)
         stream.close()
-        self._proxy.connection_closed(self)
+        self._owner.connection_closed(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -186,12 +210,13 @@ class ConnectTunnel(asyncio.Protocol):
 
     def stream_open(self) -> None:
         self._opened = True
-        if not self.closed:
-            self._transport.write(CONNECT_OK)
+        if not self.closed and self._greeting:
+            self._transport.write(self._greeting)
 
     def stream_data(self, data: memoryview) -> None:
         transport = self._transport
         n = len(data)
+        self.received += n
         if self.closed or transport.is_closing():
             self._stream.release(n)
             return
@@ -218,7 +243,7 @@ class ConnectTunnel(asyncio.Protocol):
             reset_connection(self._transport)
             return
         # The open failed: answer as the session would, then close.
-        self._proxy.open_failures += 1
+        self._owner.open_failures += 1
         logger.info("http.open_failed target=%s reason=%s", self._target, error.failure.value)
         status = failure_status(error.failure)
         body = failure_text(self._target, error.failure, error.message).encode()

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Generic, Protocol, TypeVar
 
 #: The address of the client whose connection the current task serves (``""`` outside one).
 client_address: contextvars.ContextVar[str] = contextvars.ContextVar("fluidity_client", default="")
@@ -24,6 +25,62 @@ client_address: contextvars.ContextVar[str] = contextvars.ContextVar("fluidity_c
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 #: Takes a connection from its first bytes without a task; False leaves it untouched.
 ServeNow = Callable[[asyncio.Transport, bytes], bool]
+
+
+class TaskLessConnection(Protocol):
+    """A client connection served by its transport's callbacks (a tunnel, a relay)."""
+
+    def abort(self) -> None:
+        """Cut the connection now; its ``connection_lost`` reports it gone."""
+
+
+_C = TypeVar("_C", bound=TaskLessConnection)
+
+
+class TaskLessConnections(Generic[_C]):
+    """The open task-less connections of a front end, and a wait for the last one to end.
+
+    There is no task to cancel or await for them: shutdown aborts them and waits here.
+    """
+
+    def __init__(self) -> None:
+        self._open: set[_C] = set()
+        self._all_gone: asyncio.Future[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __contains__(self, connection: object) -> bool:
+        return connection in self._open
+
+    def __iter__(self) -> Iterator[_C]:
+        return iter(list(self._open))
+
+    def add(self, connection: _C) -> None:
+        self._open.add(connection)
+
+    def discard(self, connection: _C) -> bool:
+        """Forget ``connection``; True if it was open."""
+        if connection not in self._open:
+            return False
+        self._open.discard(connection)
+        waiter = self._all_gone
+        if not self._open and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+    def abort_all(self) -> None:
+        for connection in list(self._open):
+            connection.abort()
+
+    async def wait_closed(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds (``None``: no limit) until none is open; True if so."""
+        if not self._open:
+            return True
+        if self._all_gone is None or self._all_gone.done():
+            self._all_gone = asyncio.get_running_loop().create_future()
+        done, _ = await asyncio.wait((self._all_gone,), timeout=timeout)
+        return bool(done)
 
 
 def current_client() -> str:

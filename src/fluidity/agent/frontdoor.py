@@ -60,9 +60,12 @@ class FrontDoor:
 
     async def serve_socks(self, host: str, port: int, *, backlog: int = 1024) -> int:
         """Listen for SOCKS5 clients only on ``host:port``; return the port."""
-        server = await asyncio.start_server(
-            self._socks_only, host, port, limit=self.read_chunk, backlog=backlog
-        )
+        # Nothing but SOCKS5 here: a silent client gets the handshake's time limit.
+        timeout = self.first_byte_timeout if self.socks is None else self.socks.handshake_timeout
+        server = await asyncio.get_running_loop().create_server(
+            lambda: FirstRead(self._dispatch_socks_only, timeout, self._serve_socks_now),
+            host, port, backlog=backlog,
+        )  # fmt: skip
         self._socks_servers.append(server)
         return int(server.sockets[0].getsockname()[1])
 
@@ -72,14 +75,25 @@ class FrontDoor:
 
     @property
     def active_connections(self) -> int:
-        return self.proxy.active_connections + len(self._socks_tasks)
+        socks = 0 if self.socks is None else self.socks.active_connections
+        return self.proxy.active_connections + socks
 
     # --- connections -----------------------------------------------------------------------------
 
     def _serve_now(self, transport: asyncio.Transport, first: bytes) -> bool:
         """Take the connection without a task if ``first`` allows it (see
-        :meth:`HttpProxy.serve_now`); False leaves it to :meth:`_dispatch`."""
+        :meth:`HttpProxy.serve_now` and :meth:`Socks5Frontend.serve_now`); False leaves it to
+        :meth:`_dispatch`."""
+        if first[0] == SOCKS_VERSION:
+            return self._serve_socks_now(transport, first)
         return not self._closing and self.proxy.serve_now(transport, first)
+
+    def _serve_socks_now(self, transport: asyncio.Transport, first: bytes) -> bool:
+        socks = self.socks
+        return socks is not None and not self._closing and socks.serve_now(transport, first)
+
+    def _dispatch_socks_only(self, first: bytes) -> tuple[StreamHandler, int]:
+        return self._socks_only, self.read_chunk
 
     def _dispatch(self, first: bytes) -> tuple[StreamHandler, int]:
         """Choose the handler for a connection from its first bytes; return it and its limit."""
@@ -124,7 +138,11 @@ class FrontDoor:
         tasks = list(self._socks_tasks)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
-            return http_done and not pending
+            if pending:
+                return False
+        if self.socks is not None:
+            remaining = max(0.0, deadline - loop.time())
+            return await self.socks.wait_task_less_closed(remaining) and http_done
         return http_done
 
     async def aclose(self) -> None:
@@ -135,6 +153,9 @@ class FrontDoor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.socks is not None:
+            self.socks.abort_connections()
+            await self.socks.wait_task_less_closed(None)  # aborted: gone within a loop turn
         await self.proxy.aclose()
         for server in self._socks_servers:
             await server.wait_closed()

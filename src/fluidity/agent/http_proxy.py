@@ -22,11 +22,16 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from fluidity.agent.connect_tunnel import serve_connect_now
 from fluidity.agent.fdlimit import ConnectionGate
-from fluidity.agent.first_read import FirstRead, StreamHandler, start_stream_handler
+from fluidity.agent.first_read import (
+    FirstRead,
+    StreamHandler,
+    TaskLessConnection,
+    TaskLessConnections,
+    start_stream_handler,
+)
 from fluidity.agent.http_messages import LocalHandler, LocalResponse
 from fluidity.agent.http_session import ClientSession
 from fluidity.agent.pipe import no_delay
@@ -40,13 +45,6 @@ _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 #: Decides whether a proxy request may be served, from its header fields (lowercase names):
 #: ``None`` to serve it, or the answer to send instead (e.g. 407 Proxy Authentication Required).
 Authorizer = Callable[[Sequence[tuple[bytes, bytes]]], LocalResponse | None]
-
-
-class TaskLessConnection(Protocol):
-    """A client connection served by its transport's callbacks (a CONNECT tunnel, a relay)."""
-
-    def abort(self) -> None:
-        """Cut the connection now; its ``connection_lost`` reports it gone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +107,7 @@ class HttpProxy:
         self._servers: list[asyncio.Server] = []
         self._sessions: set[asyncio.Task[None]] = set()
         self._closing: set[asyncio.Task[None]] = set()
-        # Task-less connections (see serve_now), and who waits for the last one to end.
-        self._tunnels: set[TaskLessConnection] = set()
-        self._tunnels_gone: asyncio.Future[None] | None = None
+        self._task_less: TaskLessConnections[TaskLessConnection] = TaskLessConnections()
         self._own_addresses: set[tuple[str, int]] = set()
 
     async def serve(
@@ -199,7 +195,7 @@ class HttpProxy:
     def task_less_connections(self) -> int:
         """Open client connections served without a task: CONNECT tunnels and request relays
         (counted in ``active_connections`` too)."""
-        return len(self._tunnels)
+        return len(self._task_less)
 
     def admits_another(self) -> bool:
         """True if one more client connection stays within ``max_connections``."""
@@ -207,26 +203,14 @@ class HttpProxy:
 
     def adopt_connection(self, connection: TaskLessConnection) -> None:
         """Count ``connection`` as a client connection until it closes or is handed over."""
-        self._tunnels.add(connection)
+        self._task_less.add(connection)
         self.active_connections += 1
         self.total_connections += 1
 
     def connection_closed(self, connection: TaskLessConnection) -> None:
         """``connection`` is gone (or went to a session, which counts it anew)."""
-        if connection in self._tunnels:
-            self._tunnels.discard(connection)
+        if self._task_less.discard(connection):
             self.active_connections -= 1
-        waiter = self._tunnels_gone
-        if not self._tunnels and waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _wait_tunnels_closed(self, timeout: float | None) -> bool:
-        if not self._tunnels:
-            return True
-        if self._tunnels_gone is None or self._tunnels_gone.done():
-            self._tunnels_gone = asyncio.get_running_loop().create_future()
-        done, _ = await asyncio.wait((self._tunnels_gone,), timeout=timeout)
-        return bool(done)
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -244,15 +228,14 @@ class HttpProxy:
             _, pending = await asyncio.wait(sessions, timeout=timeout)
             if pending:
                 return False
-        return await self._wait_tunnels_closed(max(0.0, deadline - loop.time()))
+        return await self._task_less.wait_closed(max(0.0, deadline - loop.time()))
 
     def close_connections(self) -> None:
         """Close every client connection now (and the streams they use)."""
         for task in list(self._sessions):
             self._closing.add(task)
             task.cancel()
-        for connection in list(self._tunnels):
-            connection.abort()
+        self._task_less.abort_all()
 
     async def aclose(self) -> None:
         """Stop accepting, close every connection and wait until they are all gone."""
@@ -260,7 +243,7 @@ class HttpProxy:
         sessions = list(self._sessions)
         self.close_connections()
         await asyncio.gather(*sessions, return_exceptions=True)
-        await self._wait_tunnels_closed(None)  # aborted transports report their loss next turn
+        await self._task_less.wait_closed(None)  # aborted transports report their loss next turn
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()

@@ -4,6 +4,10 @@
 CONNECT target, replies with the code that matches the open's result, then pipes bytes both ways
 (:func:`fluidity.agent.pipe.pipe`). A tunnel that ends badly is closed with an RST, as ``CONNECT``
 tunnels of the HTTP proxy are.
+
+With an opener that opens pushing streams (the tunnel), :meth:`Socks5Frontend.serve_now` serves
+the connection from callbacks instead (:mod:`.socks5_tunnel`): no task, no stream reader or
+writer, the same replies. :meth:`Socks5Frontend.handle` remains for other openers.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from fluidity.agent.connect_tunnel import ConnectTunnel
+from fluidity.agent.first_read import TaskLessConnections
 from fluidity.agent.http_messages import format_target
 from fluidity.agent.pipe import no_delay, pipe, reset_connection
 from fluidity.agent.socks5 import HandshakeFailed, Reply, Socks5Handshake, reply_for
+from fluidity.agent.socks5_tunnel import Socks5Connection, serve_socks_now
 from fluidity.agent.streams import StreamOpener, StreamOpenError
 from fluidity.logs import log
 
@@ -49,6 +56,49 @@ class Socks5Frontend:
         self.auth_failures = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        # Connections served from callbacks: handshakes, then their tunnels.
+        self._task_less: TaskLessConnections[Socks5Connection | ConnectTunnel]
+        self._task_less = TaskLessConnections()
+
+    # --- task-less connections (socks5_tunnel) ---------------------------------------------------
+
+    def serve_now(self, transport: asyncio.Transport, first: bytes) -> bool:
+        """Serve a new connection from callbacks if the opener allows; False: use :meth:`handle`."""
+        return serve_socks_now(self, transport, first)
+
+    @property
+    def task_less_connections(self) -> int:
+        """Open connections served without a task (counted in ``active_connections`` too)."""
+        return len(self._task_less)
+
+    def adopt_connection(self, connection: Socks5Connection) -> None:
+        self._task_less.add(connection)
+        self.active_connections += 1
+        self.total_connections += 1
+
+    def tunnel_started(self, connection: Socks5Connection, tunnel: ConnectTunnel) -> None:
+        """``connection``'s handshake is done: ``tunnel`` carries it on (the same connection)."""
+        self._task_less.discard(connection)
+        self._task_less.add(tunnel)
+
+    def connection_closed(self, connection: Socks5Connection | ConnectTunnel) -> None:
+        """A task-less connection is gone."""
+        if not self._task_less.discard(connection):
+            return
+        self.active_connections -= 1
+        if isinstance(connection, ConnectTunnel):
+            self.bytes_sent += connection.sent
+            self.bytes_received += connection.received
+
+    def abort_connections(self) -> None:
+        """Cut every task-less connection now (shutdown)."""
+        self._task_less.abort_all()
+
+    async def wait_task_less_closed(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds for the task-less connections to end; True if they did."""
+        return await self._task_less.wait_closed(timeout)
+
+    # --- task-based connections ------------------------------------------------------------------
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one client connection until it ends (usable with any asyncio stream server)."""
