@@ -169,16 +169,25 @@ def test_heads_the_session_must_judge_are_left_untouched(why: str, first: bytes)
     assert transport.protocol is None and opener.opened == [] and proxy.adopted == []
 
 
-@pytest.mark.parametrize("why", ["proxy auth", "connection limit", "no link", "plain opener"])
-def test_a_proxy_that_cannot_serve_at_once_leaves_the_connection_to_the_session(why: str) -> None:
+#: Why a proxy cannot serve a connection at once, for :func:`unready_proxy`.
+UNREADY = ["proxy auth", "connection limit", "no link", "plain opener"]
+
+
+def unready_proxy(why: str) -> FakeProxy:
+    """A proxy that must leave connections to the session, for the reason ``why``."""
     opener: object = FakeOpener(None if why == "no link" else FakeStream())
     if why == "plain opener":
         opener = object()  # a StreamOpener without open_now (e.g. a direct opener in tests)
-    proxy = FakeProxy(
+    return FakeProxy(
         opener,
         authorizer=(lambda headers: None) if why == "proxy auth" else None,
         full=why == "connection limit",
     )
+
+
+@pytest.mark.parametrize("why", UNREADY)
+def test_a_proxy_that_cannot_serve_at_once_leaves_the_connection_to_the_session(why: str) -> None:
+    proxy = unready_proxy(why)
     taken, transport = offer(HEAD, proxy)
     assert not taken, why
     assert transport.protocol is None and proxy.adopted == []

@@ -11,7 +11,14 @@ import pytest
 
 from fluidity.agent.request_relay import RequestRelay, serve_requests_now
 
-from .test_connect_fast_path import FakeOpener, FakeProxy, FakeStream, FakeTransport
+from .test_connect_fast_path import (
+    UNREADY,
+    FakeOpener,
+    FakeProxy,
+    FakeStream,
+    FakeTransport,
+    unready_proxy,
+)
 
 SMUGGLED = b"GET http://e.com/ HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 1\r\n\r\n"
 GET = b"GET http://example.com/a HTTP/1.1\r\nHost: example.com\r\nX-Kept: 1\r\n\r\n"
@@ -87,16 +94,9 @@ async def test_requests_the_session_must_serve_are_left_untouched(why: str, firs
     assert proxy.requests == 0 and transport.out == []
 
 
-@pytest.mark.parametrize("why", ["proxy auth", "connection limit", "no link", "plain opener"])
+@pytest.mark.parametrize("why", UNREADY)
 async def test_a_proxy_that_cannot_relay_at_once_leaves_the_connection_alone(why: str) -> None:
-    opener: object = FakeOpener(None if why == "no link" else FakeStream())
-    if why == "plain opener":
-        opener = object()  # a StreamOpener without open_now (e.g. a direct opener in tests)
-    proxy = FakeProxy(
-        opener,
-        authorizer=(lambda headers: None) if why == "proxy auth" else None,
-        full=why == "connection limit",
-    )
+    proxy = unready_proxy(why)
     taken, transport = offer(GET, proxy)
     assert not taken, why
     assert transport.protocol is None and proxy.adopted == [] and proxy.requests == 0

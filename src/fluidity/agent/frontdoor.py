@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fluidity.agent.first_read import FirstRead, StreamHandler, client_address, peer_host
+from fluidity.agent.first_read import FirstRead, StreamHandler
 from fluidity.agent.http_proxy import HttpProxy
 from fluidity.agent.socks5 import SOCKS_VERSION
 from fluidity.agent.socks5_frontend import Socks5Frontend
@@ -93,17 +93,13 @@ class FrontDoor:
         return socks is not None and not self._closing and socks.serve_now(transport, first)
 
     def _dispatch_socks_only(self, first: bytes) -> tuple[StreamHandler, int]:
-        return self._socks_only, self.read_chunk
+        return self._run_socks, self.read_chunk
 
     def _dispatch(self, first: bytes) -> tuple[StreamHandler, int]:
         """Choose the handler for a connection from its first bytes; return it and its limit."""
         if first[0] == SOCKS_VERSION and self.socks is not None:
             return self._run_socks, self.proxy.limits.read_chunk
         return self.proxy.handle_connection, self.proxy.limits.read_chunk
-
-    async def _socks_only(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client_address.set(peer_host(writer.get_extra_info("peername")))
-        await self._run_socks(reader, writer)
 
     async def _run_socks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         socks = self.socks

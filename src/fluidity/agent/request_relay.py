@@ -113,6 +113,7 @@ class RequestRelay(asyncio.Protocol):
         "_client_ended",
         "_deadline",
         "_hand_over",
+        "_head_limit",
         "_head_request",
         "_head_sent",
         "_http_11",
@@ -147,6 +148,9 @@ class RequestRelay(asyncio.Protocol):
         self._requests = RequestReader(
             limits.max_request_line, limits.max_headers, limits.max_header_bytes
         )
+        # A head this long may cross the request-line or header limits: the session, which
+        # checks them line by line, serves it.
+        self._head_limit = min(limits.max_request_line, limits.max_header_bytes)
         self._pending = b""
         self._upstream: PushStream | None = None
         self._upstream_key: tuple[str, int] | None = None
@@ -253,7 +257,7 @@ class RequestRelay(asyncio.Protocol):
             else:
                 self._transport.close()
             return
-        if len(pending) > min(self._limits.max_request_line, self._limits.max_header_bytes):
+        if len(pending) > self._head_limit:
             self._give_to_session()  # it tells which limit was crossed (414 or 431)
             return
         now = self._loop.time()
@@ -266,11 +270,8 @@ class RequestRelay(asyncio.Protocol):
         """Parse one complete head and send it upstream; False if the session must serve it
         (then nothing has been sent, and the connection goes to the session)."""
         proxy = self._proxy
-        limits = self._limits
         requests = self._requests
-        if proxy.authorizer is not None or len(head_bytes) > min(
-            limits.max_request_line, limits.max_header_bytes
-        ):
+        if proxy.authorizer is not None or len(head_bytes) > self._head_limit:
             return False
         try:
             requests.receive_data(head_bytes)
@@ -281,10 +282,10 @@ class RequestRelay(asyncio.Protocol):
             if (
                 request.method not in IDEMPOTENT_METHODS
                 or framing not in (None, 0)
-                or not request.target[:1].isalpha()  # origin form: answered by the proxy itself
                 or upgrade_protocols(request.headers) is not None
             ):
                 return False
+            # Origin form (for the proxy itself) raises here too: the session answers it.
             target = parse_absolute_target(request.method, request.target)
         except (ProtocolError, BadRequestError):
             return False
