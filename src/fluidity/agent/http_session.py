@@ -213,6 +213,7 @@ class ClientSession:
             authority=target.authority,
             body_framing=framing,
             upgrade=upgrade,
+            lowered=request.headers,
         )
         outbound = request_head(request.method, target.path, headers)
         head_request = request.method == b"HEAD"

@@ -20,6 +20,7 @@ from typing import cast
 from fluidity.agent.streams import OpenFailure, PushStream, StreamConsumer, StreamOpenError
 from fluidity.logs import log
 from fluidity.wire import (
+    FLUSH_BURST,
     DataReceived,
     ErrorCode,
     GoAwayReceived,
@@ -78,6 +79,7 @@ class AgentLink(asyncio.Protocol):
         self.close_reason = ""
         self._paused = False
         self._flush_scheduled = False
+        self._unflushed = 0  # request_flush calls since the last write
         self._keepalive = Keepalive(keepalive_interval, keepalive_timeout, self._loop.time())
         self._timer: asyncio.TimerHandle | None = None
 
@@ -164,12 +166,18 @@ class AgentLink(asyncio.Protocol):
     # --- sending ---------------------------------------------------------------------------------
 
     def request_flush(self) -> None:
-        if not self._flush_scheduled:
+        """Send what the session has at the end of this event-loop turn (coalescing small
+        frames), or now if :data:`~fluidity.wire.FLUSH_BURST` frames queued since the last write."""
+        self._unflushed += 1
+        if self._unflushed >= FLUSH_BURST:
+            self.flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        self._unflushed = 0
         transport = self.transport
         if transport is None or transport.is_closing():
             return

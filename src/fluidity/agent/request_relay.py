@@ -300,7 +300,11 @@ class RequestRelay(asyncio.Protocol):
             if upstream is None:
                 return False  # no link up now: the session waits for one
         headers = upstream_request_headers(
-            request.raw_headers, authority=target.authority, body_framing=framing, upgrade=None
+            request.raw_headers,
+            authority=target.authority,
+            body_framing=framing,
+            upgrade=None,
+            lowered=request.headers,
         )
         requests.start_next_cycle()
         proxy.requests += 1

@@ -24,6 +24,7 @@ from fluidity.logs import log
 from fluidity.server.dialer import DialError, DialFailure, dial
 from fluidity.server.egress import IPAddress
 from fluidity.wire import (
+    FLUSH_BURST,
     DataReceived,
     ErrorCode,
     GoAwayReceived,
@@ -69,6 +70,7 @@ class ServerLink(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._paused = False
         self._flush_scheduled = False
+        self._unflushed = 0  # request_flush calls since the last write
         self._keepalive = Keepalive(
             config.keepalive_interval, config.keepalive_timeout, self._loop.time()
         )
@@ -159,13 +161,18 @@ class ServerLink(asyncio.Protocol):
     # --- sending ---------------------------------------------------------------------------------
 
     def request_flush(self) -> None:
-        """Send what the session has, once per event-loop turn (coalesces small frames)."""
-        if not self._flush_scheduled:
+        """Send what the session has at the end of this event-loop turn (coalescing small
+        frames), or now if :data:`~fluidity.wire.FLUSH_BURST` frames queued since the last write."""
+        self._unflushed += 1
+        if self._unflushed >= FLUSH_BURST:
+            self.flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        self._unflushed = 0
         transport = self.transport
         if transport is None or transport.is_closing():
             return

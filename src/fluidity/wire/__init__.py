@@ -17,10 +17,17 @@ from fluidity.wire.events import (
 )
 from fluidity.wire.frames import ALPN, ErrorCode, ProtocolError
 from fluidity.wire.keepalive import Keepalive, KeepaliveAction
-from fluidity.wire.session import Role, Session, SessionSettings, SessionStateError
+from fluidity.wire.session import (
+    FLUSH_BURST,
+    Role,
+    Session,
+    SessionSettings,
+    SessionStateError,
+)
 
 __all__ = [
     "ALPN",
+    "FLUSH_BURST",
     "DataReceived",
     "ErrorCode",
     "Event",

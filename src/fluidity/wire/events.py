@@ -1,6 +1,9 @@
 """Events a :class:`~fluidity.wire.session.Session` returns from ``receive_data``.
 
-Small immutable slots classes: one is created per received frame on the data path.
+Small slots classes, treated as immutable. The three the data path makes per frame or per
+stream (:class:`DataReceived`, :class:`StreamOpenRequested`, :class:`StreamOpened`) are not
+``frozen``: a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``,
+which triples its cost, and one is made per DATA frame on both ends.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ class LinkReady:
     max_frame_size: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamOpenRequested:
     """(Server) the agent asks for a TCP connection to ``host:port``."""
 
@@ -28,7 +31,7 @@ class StreamOpenRequested:
     port: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamOpened:
     """(Agent) the server connected the stream's target."""
 
@@ -44,7 +47,7 @@ class StreamOpenFailed:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataReceived:
     """Bytes for a stream. ``data`` is a read-only view; call ``Session.consumed`` once used."""
 

@@ -59,6 +59,18 @@ DEFAULT_STREAM_WINDOW = 1024 * 1024
 DEFAULT_MAX_FRAME_SIZE = 256 * 1024
 """Bytes: the default ``max_frame_size`` of HELLO and of the config."""
 
+FLUSH_BURST = 16
+"""Frames an I/O adapter lets queue before it writes them, instead of waiting for the end of its
+event-loop turn.
+
+Writing once per turn coalesces small frames into few TLS records, but a burst read in one turn
+(64 keep-alive requests, say) then moves through the peer and the origin as one convoy: each
+stage waits for the whole batch of the stage before, and on a small machine a core sits idle.
+Writing every few frames lets the stages overlap: wrk c64 on 2 cores, six paired runs, 1.4 -> 1.6
+cores busy and +8 % requests per second, for about 10 % more CPU per request (more, smaller TLS
+writes and reads). A bulk stream, one large frame per read, is not affected.
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
