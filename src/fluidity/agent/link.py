@@ -52,7 +52,7 @@ _FAILURES = {
 }
 
 
-class AgentLink(asyncio.Protocol):
+class AgentLink(asyncio.BufferedProtocol):
     """Protocol object of the TLS connection to the server."""
 
     def __init__(
@@ -95,10 +95,15 @@ class AgentLink(asyncio.Protocol):
         self._arm_keepalive()
         self.flush()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # The session's frame reader owns the buffer: over TLS, records are decrypted straight
+        # into it, and a large payload into a buffer of its own (no join, no reassembly copy).
+        return self.session.read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         self._keepalive.received(self._loop.time())
         try:
-            events = self.session.receive_data(data)
+            events = self.session.receive_buffered(nbytes)
         except ProtocolError as exc:
             self._fail(f"protocol error from server: {exc}")
             return
@@ -183,7 +188,7 @@ class AgentLink(asyncio.Protocol):
             return
         session = self.session
         while not self._paused and session.has_data_to_send():
-            transport.write(session.data_to_send())
+            transport.writelines(session.buffers_to_send())
         for stream_id in session.take_drained():
             stream = self.streams.get(stream_id)
             if stream is not None:

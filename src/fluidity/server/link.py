@@ -55,7 +55,7 @@ _DIAL_CODES = {
 }
 
 
-class ServerLink(asyncio.Protocol):
+class ServerLink(asyncio.BufferedProtocol):
     """The protocol object of one authenticated agent link."""
 
     def __init__(self, server: Server, peer: str, identity: str) -> None:
@@ -100,12 +100,17 @@ class ServerLink(asyncio.Protocol):
                 reason=f"no HELLO within {self.server.config.handshake_timeout:g}s")  # fmt: skip
             self.transport.abort()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # See AgentLink.get_buffer: TLS records are decrypted straight into the frame reader's
+        # buffers.
+        return self.session.read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.transport is None:
             return
         self._keepalive.received(self._loop.time())
         try:
-            events = self.session.receive_data(data)
+            events = self.session.receive_buffered(nbytes)
         except ProtocolError as exc:
             log(logger, logging.WARNING, "link.protocol_error", peer=self.peer,
                 agent=self.identity, reason=str(exc))  # fmt: skip
@@ -178,7 +183,7 @@ class ServerLink(asyncio.Protocol):
             return
         session = self.session
         while not self._paused and session.has_data_to_send():
-            transport.write(session.data_to_send())
+            transport.writelines(session.buffers_to_send())
         for stream_id in session.take_drained():
             target = self.targets.get(stream_id)
             if target is not None:

@@ -22,6 +22,7 @@ Worst case for N streams: ``N * (initial_window + adapter send limit)`` bytes.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -38,6 +39,7 @@ from fluidity.wire.events import (
     StreamOpenRequested,
     StreamReset,
 )
+from fluidity.wire.frame_buffer import LARGE_PAYLOAD, BufferedFrameReader, Frame
 from fluidity.wire.frames import ErrorCode, FrameType, ProtocolError
 
 _DATA = FrameType.DATA
@@ -146,8 +148,9 @@ class Session:
         self.role = role
         self.settings = settings or SessionSettings()
         self._reader = frames.FrameReader(self.settings.max_frame_size)
+        self._buffered_reader = BufferedFrameReader(self.settings.max_frame_size)
         self._streams: dict[int, _Stream] = {}
-        self._control: list[bytes] = []
+        self._control: list[bytes | memoryview] = []  # queued control frames, in order
         self._ready: deque[_Stream] = deque()
         self._drained: list[int] = []
         self._next_stream_id = 1
@@ -325,13 +328,22 @@ class Session:
         self._queue(FrameType.GOAWAY, 0, 0, payload)
 
     def data_to_send(self, max_bytes: int = 1 << 20) -> bytes:
-        """Return the bytes to write to the link now.
+        """Return the bytes to write to the link now (:meth:`buffers_to_send`, joined)."""
+        return b"".join(self.buffers_to_send(max_bytes))
+
+    def buffers_to_send(self, max_bytes: int = 1 << 20) -> list[bytes | memoryview]:
+        """Return the buffers to write to the link now, in order (for ``writelines``).
 
         Control frames come first, then DATA frames taken round-robin from the streams that have
         both queued bytes and credit, at most one frame per stream per turn, so one busy stream
         cannot starve the others. Stops after about ``max_bytes`` of DATA payload; call again while
         :meth:`has_data_to_send` is true.
+
+        Small frames come joined into one buffer (one TLS write, few records); a payload of
+        :data:`~fluidity.wire.frame_buffer.LARGE_PAYLOAD` bytes or more comes as it was queued,
+        so a bulk stream's bytes are not copied to be joined.
         """
+        done: list[bytes | memoryview] = []
         out = self._control
         self._control = []
         ready = self._ready
@@ -357,7 +369,11 @@ class Session:
                 stream.pending_bytes -= n
                 last = stream.end_queued and not pending
                 out.append(_pack_header(n, _DATA, _END if last else 0, stream.id))
-                out.append(chunk)  # type: ignore[arg-type]  # join accepts memoryview
+                if n >= LARGE_PAYLOAD:
+                    done += (b"".join(out), chunk)
+                    out = []
+                else:
+                    out.append(chunk)
                 sent += n
                 budget -= n
                 if not pending:
@@ -377,7 +393,9 @@ class Session:
                 ready.append(stream)
         self._buffered -= sent
         self.bytes_sent += sent
-        return b"".join(out)
+        if out:
+            done.append(b"".join(out))
+        return done
 
     # --- receiving -------------------------------------------------------------------------------
 
@@ -389,9 +407,27 @@ class Session:
         """
         if self.failed:
             return []
+        return self._receive(lambda: self._reader.feed(data))
+
+    def read_buffer(self) -> memoryview:
+        """Where to read the link's next bytes (``asyncio.BufferedProtocol.get_buffer``).
+
+        The alternative to :meth:`receive_data` that saves copies (see
+        :mod:`fluidity.wire.frame_buffer`); a session is fed one way or the other, never both.
+        """
+        return self._buffered_reader.get_buffer()
+
+    def receive_buffered(self, nbytes: int) -> list[Event]:
+        """Process ``nbytes`` read into :meth:`read_buffer`; as :meth:`receive_data`."""
+        if self.failed:
+            return []
+        return self._receive(lambda: self._buffered_reader.buffer_updated(nbytes))
+
+    def _receive(self, split: Callable[[], list[Frame]]) -> list[Event]:
+        """Handle the frames ``split`` returns (it raises ProtocolError on a bad header)."""
         events: list[Event] = []
         try:
-            for frame_type, flags, stream_id, payload in self._reader.feed(data):
+            for frame_type, flags, stream_id, payload in split():
                 if frame_type == _DATA:
                     self._on_data(flags, stream_id, payload, events)
                 else:
