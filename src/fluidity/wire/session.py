@@ -68,9 +68,11 @@ event-loop turn.
 Writing once per turn coalesces small frames into few TLS records, but a burst read in one turn
 (64 keep-alive requests, say) then moves through the peer and the origin as one convoy: each
 stage waits for the whole batch of the stage before, and on a small machine a core sits idle.
-Writing every few frames lets the stages overlap: wrk c64 on 2 cores, six paired runs, 1.4 -> 1.6
-cores busy and +8 % requests per second, for about 10 % more CPU per request (more, smaller TLS
-writes and reads). A bulk stream, one large frame per read, is not affected.
+Writing every few frames lets the stages overlap. wrk c64 on 2 cores, paired runs: 1.4 -> 1.7
+cores busy, 6,161 -> 7,786 and 6,782 -> 7,603 requests/s; system calls per request hardly change
+(agent: 1.04 -> 1.05 reads, 1.04 -> 1.09 writes, link writes being shared by 16 frames), and CPU
+per request stays within the run-to-run noise. A bulk stream, one large frame per read, is not
+affected.
 """
 
 
