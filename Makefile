@@ -71,6 +71,7 @@ bench: $(STAMP) bench-deps
 ## bench-smoke: every benchmark chain moves bytes correctly (seconds; no timing asserted)
 bench-smoke: $(STAMP) bench-deps
 	$(BIN)/python -m bench --smoke
+	$(BIN)/python -m bench --smoke --chains direct,fluidity --baseline .
 
 ## lint-deploy: cfn-lint, checkov, hadolint and shellcheck over deployments/ and scripts/
 CHECKOV := $(VENV)/tools/checkov/bin/checkov

@@ -22,7 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.chains import CHAIN_NAMES, REQUIRED_COMMANDS, Chain, Context, build_all
+from bench.chains import (
+    CHAIN_NAMES,
+    REQUIRED_COMMANDS,
+    Chain,
+    Context,
+    baseline_source,
+    build_all,
+)
 from bench.many import ManyResult, many_tunnels
 from bench.measure import TunnelResult, WrkResult, curl_download, fetch, tunnels, wrk
 from bench.procs import BenchError, ProcessTable, cpu_seconds, peak_rss_bytes, raise_open_files
@@ -49,6 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-bulk", action="store_true", help="skip the 512 MiB downloads")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run the Fluidity code in DIR (a checkout of another commit) as the chain "
+        "fluidity-baseline, in the same rounds",
+    )
     return parser.parse_args(argv)
 
 
@@ -104,6 +118,17 @@ async def smoke(chains: list[Chain], target: Target, table_: ProcessTable) -> li
     return lines
 
 
+def round_order(chains: list[Chain], round_no: int) -> list[Chain]:
+    """The chains in the order of one round: forwards, then backwards, in turn.
+
+    A load leaves traces that slow the next chain for a moment (sockets in TIME_WAIT, a
+    process still winding down): in one fixed order, the chain after pproxy lost about 10 % of
+    its new tunnels per second to the chain after it in every round. Alternating the direction
+    gives every chain both neighbours.
+    """
+    return chains if round_no % 2 == 0 else chains[::-1]
+
+
 def measure(
     chains: list[Chain], target: Target, table_: ProcessTable, args: argparse.Namespace
 ) -> dict[str, ChainResult]:
@@ -116,7 +141,7 @@ def measure(
         speeds: dict[tuple[str, bool], list[float]] = {}
         cpu_bulk: dict[str, tuple[float, int]] = {}
         for round_no in range(args.rounds):
-            for chain in chains:
+            for chain in round_order(chains, round_no):
                 modes = (True,) if chain.proxy_port is None else (True, False)
                 for tunnel in modes:
                     before = chain_cpu(chain)
@@ -147,18 +172,19 @@ def measure(
     c64_runs: dict[str, list[tuple[WrkResult, float]]] = {c.name: [] for c in chains}
     tunnel_runs: dict[str, list[TunnelResult]] = {c.name: [] for c in chains}
     for round_no in range(args.load_rounds):
-        for chain in chains:
+        order = round_order(chains, round_no)
+        for chain in order:
             c1 = wrk(target, chain, connections=1, seconds=args.seconds)
             c1_runs[chain.name].append(c1)
             _progress(f"c1 {round_no + 1} {chain.name}: p50 {c1.p50_ms:.3f} ms "
                       f"p99 {c1.p99_ms:.3f} ms")  # fmt: skip
-        for chain in chains:
+        for chain in order:
             before = chain_cpu(chain)
             c64 = wrk(target, chain, connections=64, seconds=args.seconds)
             c64_runs[chain.name].append((c64, chain_cpu(chain) - before))
             _progress(f"c64 {round_no + 1} {chain.name}: {c64.rate:,.0f} req/s, "
                       f"{c64.errors} errors")  # fmt: skip
-        for chain in chains:
+        for chain in order:
             tun = asyncio.run(
                 tunnels(chain, target, concurrency=16, seconds=args.seconds, ttfb_samples=200)
             )
@@ -210,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
         connections = args.tunnels + 1024 if many_wanted else 4096
         target = start_target(table_, root, bulk=not (args.smoke or args.skip_bulk),
                               connections=connections)  # fmt: skip
-        chains = build_all(Context(table_, root, pki), names)
+        baseline = baseline_source(args.baseline) if args.baseline is not None else None
+        chains = build_all(Context(table_, root, pki), names, baseline)
         for chain in chains:
             asyncio.run(wait_ready(chain, target))
         if args.smoke:

@@ -255,10 +255,13 @@ log_level: "warning"
 """
 
 
-def fluidity(ctx: Context, name: str = "fluidity", module: str = "fluidity") -> Chain:
+def fluidity(
+    ctx: Context, name: str = "fluidity", module: str = "fluidity", source: Path | None = None
+) -> Chain:
     """``python -m fluidity server`` and ``agent`` with configs written here.
 
     ``module`` may be ``bench.fluidity_asyncio``: the same commands on asyncio's own loop.
+    ``source``: a checkout of another commit, whose ``src`` is imported instead of this one's.
     """
     work = _dir(ctx, name)
     server_port, proxy_port = free_port(), free_port()
@@ -268,6 +271,10 @@ def fluidity(ctx: Context, name: str = "fluidity", module: str = "fluidity") -> 
     )
     env = dict(os.environ)
     env.pop("FLUIDITY_LOG_LEVEL", None)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(source / "src"), env.get("PYTHONPATH")])
+        )
     server = ctx.table.start(
         f"{name}-server",
         [ctx.python, "-m", module, "server", "--config", str(work / "server.yaml")],
@@ -281,14 +288,31 @@ def fluidity(ctx: Context, name: str = "fluidity", module: str = "fluidity") -> 
     )
     wait_listening(proxy_port, [agent, server], ctx.table, READY_TIMEOUT)
     loop = "asyncio loop" if module != "fluidity" else "uvloop, as the CLI runs"
-    return Chain(name, proxy_port, [agent, server], f"fluidity agent -> server (mTLS 1.3, {loop})")
+    note = f"fluidity agent -> server (mTLS 1.3, {loop})"
+    if source is not None:
+        note += f", the code in {source}"
+    return Chain(name, proxy_port, [agent, server], note)
+
+
+def baseline_source(directory: Path) -> Path:
+    """Check that ``directory`` is a Fluidity checkout (``git worktree add DIR COMMIT``)."""
+    if not (directory / "src" / "fluidity" / "__main__.py").is_file():
+        raise BenchError(
+            f"--baseline {directory}: no src/fluidity/__main__.py there; make a checkout of the "
+            "commit to compare with, e.g. `git worktree add /tmp/base HEAD~1`"
+        )
+    return directory.resolve()
 
 
 Builder = Callable[[Context], list[Chain]]
 
 
-def build_all(ctx: Context, names: list[str]) -> list[Chain]:
-    """Start the chains named in ``names`` (see :data:`CHAIN_NAMES`), in that order."""
+def build_all(ctx: Context, names: list[str], baseline: Path | None = None) -> list[Chain]:
+    """Start the chains named in ``names`` (see :data:`CHAIN_NAMES`), in that order.
+
+    With ``baseline`` (a checkout of another commit), ``fluidity-baseline`` runs that code right
+    after ``fluidity``, so the two are measured in the same rounds.
+    """
     unknown = [n for n in names if n not in CHAIN_NAMES]
     if unknown:
         raise BenchError(f"unknown chain(s) {unknown}; choose from {', '.join(CHAIN_NAMES)}")
@@ -310,6 +334,8 @@ def build_all(ctx: Context, names: list[str]) -> list[Chain]:
             chains.append(pproxy(ctx))
         elif chain_name == "fluidity":
             chains.append(fluidity(ctx))
+            if baseline is not None:
+                chains.append(fluidity(ctx, "fluidity-baseline", source=baseline))
         elif chain_name == "fluidity-asyncio":
             chains.append(fluidity(ctx, chain_name, "bench.fluidity_asyncio"))
     return chains

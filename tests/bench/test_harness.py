@@ -11,8 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+from bench.__main__ import round_order
+from bench.chains import Chain, baseline_source
 from bench.many import ManyResult
-from bench.procs import ProcessTable, cpu_seconds, peak_rss_bytes
+from bench.procs import BenchError, ProcessTable, cpu_seconds, peak_rss_bytes
 from bench.report import ChainResult, goals, table
 
 MiB = 1024 * 1024
@@ -79,3 +82,21 @@ def _state(pid: int) -> str:
             return stat.read().rsplit(b")", 1)[1].split()[0].decode()
     except OSError:
         return "Z"
+
+
+def test_a_baseline_must_be_a_fluidity_checkout(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match=r"no src/fluidity/__main__\.py there.*git worktree add"):
+        baseline_source(tmp_path)
+    (tmp_path / "src" / "fluidity").mkdir(parents=True)
+    (tmp_path / "src" / "fluidity" / "__main__.py").write_text("")
+    assert baseline_source(tmp_path) == tmp_path.resolve()
+
+
+def test_rounds_visit_the_chains_forwards_then_backwards() -> None:
+    chains = [Chain(name, None, [], "") for name in ("direct", "squid", "fluidity")]
+    orders = [[c.name for c in round_order(chains, n)] for n in range(3)]
+    assert orders == [
+        ["direct", "squid", "fluidity"],
+        ["fluidity", "squid", "direct"],
+        ["direct", "squid", "fluidity"],
+    ]

@@ -79,7 +79,7 @@ class AgentLink(asyncio.BufferedProtocol):
         self.close_reason = ""
         self._paused = False
         self._flush_scheduled = False
-        self._unflushed = 0  # request_flush calls since the last write
+        self._unflushed = 0  # data_queued calls since the last write
         self._keepalive = Keepalive(keepalive_interval, keepalive_timeout, self._loop.time())
         self._timer: asyncio.TimerHandle | None = None
 
@@ -171,14 +171,19 @@ class AgentLink(asyncio.BufferedProtocol):
     # --- sending ---------------------------------------------------------------------------------
 
     def request_flush(self) -> None:
-        """Send what the session has at the end of this event-loop turn (coalescing small
-        frames), or now if :data:`~fluidity.wire.FLUSH_BURST` frames queued since the last write."""
+        """Send what the session has at the end of this event-loop turn (coalesces frames)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def data_queued(self) -> None:
+        """A stream queued DATA: send it at the end of the turn, or now if it is the
+        :data:`~fluidity.wire.FLUSH_BURST`-th DATA queued since the last write."""
         self._unflushed += 1
         if self._unflushed >= FLUSH_BURST:
             self.flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self.flush)
+        else:
+            self.request_flush()
 
     def flush(self) -> None:
         self._flush_scheduled = False
@@ -407,7 +412,7 @@ class LinkStream(PushStream):
         if self._error is not None or self._local_ended:
             return
         self.link.session.send_data(self.stream_id, data)
-        self.link.request_flush()
+        self.link.data_queued()
 
     async def drain(self) -> None:
         session = self.link.session

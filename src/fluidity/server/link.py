@@ -70,7 +70,7 @@ class ServerLink(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._paused = False
         self._flush_scheduled = False
-        self._unflushed = 0  # request_flush calls since the last write
+        self._unflushed = 0  # data_queued calls since the last write
         self._keepalive = Keepalive(
             config.keepalive_interval, config.keepalive_timeout, self._loop.time()
         )
@@ -166,14 +166,19 @@ class ServerLink(asyncio.BufferedProtocol):
     # --- sending ---------------------------------------------------------------------------------
 
     def request_flush(self) -> None:
-        """Send what the session has at the end of this event-loop turn (coalescing small
-        frames), or now if :data:`~fluidity.wire.FLUSH_BURST` frames queued since the last write."""
+        """Send what the session has at the end of this event-loop turn (coalesces frames)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def data_queued(self) -> None:
+        """A stream queued DATA: send it at the end of the turn, or now if it is the
+        :data:`~fluidity.wire.FLUSH_BURST`-th DATA queued since the last write."""
         self._unflushed += 1
         if self._unflushed >= FLUSH_BURST:
             self.flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self.flush)
+        else:
+            self.request_flush()
 
     def flush(self) -> None:
         self._flush_scheduled = False
@@ -339,7 +344,7 @@ class Target(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         session = self.session
         session.send_data(self.stream_id, data)
-        self.link.request_flush()
+        self.link.data_queued()
         if (
             session.pending_bytes(self.stream_id) >= self.link.stream_buffer
             and not self._read_paused

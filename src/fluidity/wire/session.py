@@ -62,8 +62,8 @@ DEFAULT_MAX_FRAME_SIZE = 256 * 1024
 """Bytes: the default ``max_frame_size`` of HELLO and of the config."""
 
 FLUSH_BURST = 16
-"""Frames an I/O adapter lets queue before it writes them, instead of waiting for the end of its
-event-loop turn.
+"""DATA writes an I/O adapter lets queue before it writes them to the link, instead of waiting for
+the end of its event-loop turn.
 
 Writing once per turn coalesces small frames into few TLS records, but a burst read in one turn
 (64 keep-alive requests, say) then moves through the peer and the origin as one convoy: each
