@@ -21,7 +21,7 @@ out keep their buffer alive until dropped. This module imports nothing of the pr
 
 from __future__ import annotations
 
-from fluidity.wire.frames import HEADER, HEADER_SIZE, MAX_FRAME_PAYLOAD, ProtocolError
+from fluidity.wire.frames import HEADER, HEADER_SIZE, MAX_FRAME_PAYLOAD, frame_too_large
 
 #: Bytes: size of the shared buffer small frames are read into.
 READ_BUFFER = 256 * 1024
@@ -80,7 +80,7 @@ class BufferedFrameReader:
     def buffer_updated(self, nbytes: int) -> list[Frame]:
         """``nbytes`` were written into the last :meth:`get_buffer`; return the frames completed.
 
-        Raises :class:`ProtocolError` on a frame longer than ``max_payload``.
+        Raises :class:`~fluidity.wire.frames.ProtocolError` on a frame longer than ``max_payload``.
         """
         large = self._large
         if large is not None:
@@ -103,7 +103,7 @@ class BufferedFrameReader:
         while end - pos >= HEADER_SIZE:
             length, frame_type, flags, stream_id = unpack(view, pos)
             if length > limit:
-                raise ProtocolError(f"frame of {length} bytes exceeds the limit of {limit}")
+                raise frame_too_large(length, limit)
             self._after_large = length >= LARGE_PAYLOAD
             stop = pos + HEADER_SIZE + length
             if stop <= end:

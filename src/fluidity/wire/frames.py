@@ -189,6 +189,11 @@ def parse_goaway(payload: bytes | memoryview) -> tuple[int, ErrorCode, str]:
     return last, ErrorCode.parse(code), _decode_text(payload[_GOAWAY.size :])
 
 
+def frame_too_large(length: int, limit: int) -> ProtocolError:
+    """The error for a frame header announcing more than ``limit`` bytes of payload."""
+    return ProtocolError(f"frame of {length} bytes exceeds the limit of {limit}")
+
+
 class FrameReader:
     """Splits a byte stream into frames: ``feed(data)`` returns complete frames as tuples.
 
@@ -233,7 +238,7 @@ class FrameReader:
         while end - pos >= HEADER_SIZE:
             length, frame_type, flags, stream_id = unpack(view, pos)
             if length > limit:
-                raise ProtocolError(f"frame of {length} bytes exceeds the limit of {limit}")
+                raise frame_too_large(length, limit)
             stop = pos + HEADER_SIZE + length
             if stop > end:
                 break
@@ -248,7 +253,7 @@ class FrameReader:
     def _frame_size(self, buffer: bytearray) -> int:
         length = HEADER.unpack_from(buffer)[0]
         if length > self.max_payload:
-            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
+            raise frame_too_large(length, self.max_payload)
         return HEADER_SIZE + int(length)
 
     @property
