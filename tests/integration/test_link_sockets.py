@@ -9,12 +9,16 @@ seen on asyncio's loop before the server set the option itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 
 import pytest
 
 from fluidity.certs import PkiPaths
+from fluidity.config import EgressConfig
 from tests.integration.stack import echo_handler, running_server, running_tunnel, tcp_server
+from tests.integration.test_agent import running_agent
 
 
 def _nodelay(transport: object) -> int:
@@ -66,3 +70,64 @@ async def test_target_connections_disable_nagle_on_asyncio(pki: PkiPaths) -> Non
 
 async def test_target_connections_disable_nagle_on_uvloop(pki: PkiPaths) -> None:
     await _assert_target_connections_disable_nagle(pki)
+
+
+def _accepted_socket_of(client: asyncio.StreamWriter) -> socket.socket:
+    """The agent's end of ``client``'s connection, found among this process's descriptors."""
+    wanted = client.get_extra_info("sockname")
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue  # not a socket
+        try:
+            if sock.family == socket.AF_INET and sock.getpeername() == wanted:
+                return sock
+        except OSError:
+            pass
+        sock.close()
+    raise AssertionError(f"no socket of this process is connected to {wanted}")
+
+
+async def _no_content(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A minimal origin: answers each request head with 204."""
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+    writer.close()
+
+
+async def _assert_client_connections_disable_nagle(pki: PkiPaths) -> None:
+    # The agent sets no socket option itself: both loops set TCP_NODELAY on every connection
+    # their create_server accepts, and a 200, an answer head or a SOCKS5 reply must not wait
+    # for the client's delayed ACK.
+    async with (
+        running_server(pki, egress=EgressConfig(allow_cidrs=["127.0.0.1/32"])) as server,
+        running_agent(pki, server.port) as agent,
+        tcp_server(_no_content) as origin_port,
+    ):
+        assert await agent.tunnel.wait_connected(5), agent.tunnel.last_error
+        target = f"127.0.0.1:{origin_port}"
+        connect = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+        plain = f"GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+        socks = b"\x05\x01\x00"  # a greeting: version 5, one method, no authentication
+        for first, answer in ((connect, b"HTTP/1.1 200"), (plain, b"HTTP/1.1 204"),
+                              (socks, b"\x05\x00")):  # fmt: skip
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.proxy_port)
+            try:
+                writer.write(first)
+                assert (await asyncio.wait_for(reader.read(64), 5)).startswith(answer)
+                with _accepted_socket_of(writer) as accepted:
+                    assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            finally:
+                writer.close()
+
+
+@pytest.mark.stdlib_loop
+async def test_client_connections_disable_nagle_on_asyncio(pki: PkiPaths) -> None:
+    assert type(asyncio.get_running_loop()).__module__.startswith("asyncio")
+    await _assert_client_connections_disable_nagle(pki)
+
+
+async def test_client_connections_disable_nagle_on_uvloop(pki: PkiPaths) -> None:
+    await _assert_client_connections_disable_nagle(pki)

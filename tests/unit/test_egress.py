@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from fluidity.server.egress import (
     DEFAULT_DENY_RANGES,
+    HOST_CACHE_SIZE,
     Decision,
     EgressPolicy,
     normalize_host,
@@ -350,3 +351,19 @@ def test_ipv6_forms_of_an_ipv4_address_get_the_same_verdict(
 def test_allow_everything_policy_allows_every_address(address: ipaddress.IPv4Address) -> None:
     policy = EgressPolicy(default_deny_ranges=False)
     assert policy.check_address(address, 1).allowed
+
+
+def test_parsed_hosts_are_kept_in_bounded_caches_that_never_keep_errors() -> None:
+    for parse in (parse_ip_literal, normalize_host):
+        parse.cache_clear()
+    for i in range(HOST_CACHE_SIZE + 50):
+        assert parse_ip_literal(f"host{i}.example") is None
+        assert normalize_host(f"HOST{i}.example.") == f"host{i}.example"
+    for parse in (parse_ip_literal, normalize_host):
+        info = parse.cache_info()
+        assert info.maxsize == HOST_CACHE_SIZE and info.currsize == HOST_CACHE_SIZE
+    # A cached answer is the same answer, and an invalid name is refused every time.
+    assert parse_ip_literal("[::1]") == parse_ip_literal("[::1]") == ipaddress.IPv6Address("::1")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="numeric address"):
+            normalize_host("127.1")

@@ -36,7 +36,7 @@ from fluidity.agent.http_messages import (
     parse_connect_target,
     request_body_framing,
 )
-from fluidity.agent.pipe import no_delay, reset_connection
+from fluidity.agent.pipe import reset_connection
 from fluidity.agent.streams import PushStream, StreamOpenError
 
 if TYPE_CHECKING:
@@ -92,7 +92,6 @@ def serve_connect_now(proxy: HttpProxy, transport: asyncio.Transport, first: byt
     early, _ = requests.trailing_data
     tunnel = ConnectTunnel(proxy, transport, stream, target.display)
     transport.set_write_buffer_limits(high=limits.read_chunk)
-    no_delay(transport)
     proxy.adopt_connection(tunnel)
     proxy.requests += 1
     transport.set_protocol(tunnel)

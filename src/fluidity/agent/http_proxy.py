@@ -34,7 +34,6 @@ from fluidity.agent.first_read import (
 )
 from fluidity.agent.http_messages import LocalHandler, LocalResponse
 from fluidity.agent.http_session import ClientSession
-from fluidity.agent.pipe import no_delay
 from fluidity.agent.request_relay import serve_requests_now
 from fluidity.agent.streams import StreamOpener
 
@@ -177,7 +176,6 @@ class HttpProxy:
                 return
             transport = writer.transport
             transport.set_write_buffer_limits(high=self.limits.read_chunk)
-            no_delay(transport)
             await ClientSession(self, reader, writer).run()
         except asyncio.CancelledError:
             if task not in self._closing:

@@ -32,15 +32,6 @@ class PipeResult:
     clean: bool = False
 
 
-def no_delay(transport: asyncio.BaseTransport) -> None:
-    """Turn Nagle's algorithm off on a client's TCP connection: heads, error answers and small
-    records must not wait for the client's ACK of the previous segment."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def reset_connection(transport: asyncio.BaseTransport) -> None:
     """Close a client connection with an RST rather than a FIN (a raw tunnel cut short)."""
     sock = transport.get_extra_info("socket")

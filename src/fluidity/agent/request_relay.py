@@ -59,7 +59,6 @@ from fluidity.agent.http_messages import (
     upgrade_protocols,
     upstream_request_headers,
 )
-from fluidity.agent.pipe import no_delay
 from fluidity.agent.streams import OpenFailure, PushStream, StreamOpenError
 
 if TYPE_CHECKING:
@@ -93,7 +92,6 @@ def serve_requests_now(
     proxy.adopt_connection(relay)
     transport.set_protocol(relay)
     transport.set_write_buffer_limits(high=proxy.limits.read_chunk)
-    no_delay(transport)
     return True
 
 

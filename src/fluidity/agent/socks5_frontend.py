@@ -20,7 +20,7 @@ from collections.abc import Callable
 from fluidity.agent.connect_tunnel import ConnectTunnel
 from fluidity.agent.first_read import TaskLessConnections
 from fluidity.agent.http_messages import format_target
-from fluidity.agent.pipe import no_delay, pipe, reset_connection
+from fluidity.agent.pipe import pipe, reset_connection
 from fluidity.agent.socks5 import HandshakeFailed, Reply, Socks5Handshake, reply_for
 from fluidity.agent.socks5_tunnel import Socks5Connection, serve_socks_now
 from fluidity.agent.streams import StreamOpener, StreamOpenError
@@ -105,7 +105,6 @@ class Socks5Frontend:
         self.active_connections += 1
         self.total_connections += 1
         try:
-            no_delay(writer.transport)
             await self._serve(reader, writer)
         except (OSError, StreamOpenError):
             pass  # the client or the stream went away: closing is all that is left

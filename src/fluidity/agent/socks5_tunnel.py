@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 from fluidity.agent.connect_tunnel import ConnectTunnel
 from fluidity.agent.first_read import peer_host
 from fluidity.agent.http_messages import format_target
-from fluidity.agent.pipe import no_delay
 from fluidity.agent.socks5 import ConnectRequest, HandshakeFailed, Reply, Socks5Handshake, reply_for
 from fluidity.agent.streams import PushStream, StreamOpenError
 from fluidity.logs import log
@@ -220,7 +219,6 @@ def serve_socks_now(frontend: Socks5Frontend, transport: asyncio.Transport, firs
         return False
     connection = Socks5Connection(frontend, transport)
     frontend.adopt_connection(connection)
-    no_delay(transport)
     transport.set_protocol(connection)
     connection.data_received(first)
     return True

@@ -170,10 +170,9 @@ async def dial(
         raise DialError(
             DialFailure.ERROR, f"invalid target {host[:80]!r}:{port!r}: {exc}"
         ) from None
-    target = _format(literal, port) if literal is not None else f"{name}:{port}"
     if denied is not None:
-        message = f"target {target} is denied by the egress policy ({denied.reason})"
-        raise DialError(DialFailure.DENIED, message)
+        message = f"target {_target(literal, name, port)} is denied by the egress policy"
+        raise DialError(DialFailure.DENIED, f"{message} ({denied.reason})")
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -194,6 +193,7 @@ async def dial(
     if not allowed:
         assert first_denied is not None  # addresses is never empty
         address, decision = first_denied
+        target = _target(literal, name, port)
         if literal is not None:
             message = f"target {target} is denied by the egress policy ({decision.reason})"
         else:
@@ -202,7 +202,8 @@ async def dial(
                 f" ({decision.reason})"
             )
         raise DialError(DialFailure.DENIED, message)
-    return await _connect_any(connector or connect_tcp, allowed, port, deadline, timeout)
+    connector = connector or connect_tcp
+    return await _connect_any(loop, connector, allowed, port, deadline=deadline, timeout=timeout)
 
 
 async def _resolve(
@@ -234,10 +235,16 @@ async def _resolve(
 
 
 async def _connect_any(
-    connector: Connector, addresses: list[IPAddress], port: int, deadline: float, timeout: float
+    loop: asyncio.AbstractEventLoop,
+    connector: Connector,
+    addresses: list[IPAddress],
+    port: int,
+    *,
+    deadline: float,
+    timeout: float,
 ) -> Any:
     """Try ``addresses`` in order until one connects; raise the most telling failure."""
-    loop = asyncio.get_running_loop()
+    # Every text below is made only on a failure: a dial that succeeds formats nothing.
     failures: list[tuple[DialFailure, str]] = []
     for index, address in enumerate(addresses):
         remaining = deadline - loop.time()
@@ -245,11 +252,11 @@ async def _connect_any(
             break
         share = remaining / (len(addresses) - index)
         budget = max(share, min(MIN_ATTEMPT_TIMEOUT, remaining))
-        where = _format(address, port)
         try:
             async with asyncio.timeout(budget) as scope:
                 return await connector(address, port)
         except TimeoutError as exc:
+            where = _format(address, port)
             # One address had the whole dial: say the configured timeout, not the few
             # milliseconds less that were left of it after the DNS lookup.
             spent = timeout if len(addresses) == 1 else budget
@@ -257,9 +264,11 @@ async def _connect_any(
             failures.append((DialFailure.TIMEOUT, f"no answer from {where} within {within}"))
             continue
         except ConnectionRefusedError:
+            where = _format(address, port)
             failures.append((DialFailure.REFUSED, f"connection to {where} refused"))
             continue
         except OSError as exc:
+            where = _format(address, port)
             reason = exc.strerror or str(exc)
             if exc.errno in _UNREACHABLE_ERRNOS:
                 failures.append((DialFailure.UNREACHABLE, f"{where} is unreachable ({reason})"))
@@ -273,6 +282,10 @@ async def _connect_any(
     if len(failures) > 1:
         message += f" (tried {len(failures)} of {len(addresses)} addresses; all failed)"
     raise DialError(failure, message)
+
+
+def _target(literal: IPAddress | None, name: str, port: int) -> str:
+    return _format(literal, port) if literal is not None else f"{name}:{port}"
 
 
 def _format(address: IPAddress, port: int) -> str:
