@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_commands(names: list[str]) -> None:
+    unknown = [name for name in names if name not in REQUIRED_COMMANDS]
+    if unknown:
+        raise BenchError(f"unknown chain(s) {unknown}; choose from {', '.join(CHAIN_NAMES)}")
     needed = {"nginx", "curl", "wrk"}
     for name in names:
         needed.update(REQUIRED_COMMANDS[name])

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from bench.__main__ import round_order
+from bench.__main__ import check_commands, round_order
 from bench.chains import Chain, baseline_source
 from bench.many import ManyResult
 from bench.procs import BenchError, ProcessTable, cpu_seconds, peak_rss_bytes
@@ -100,3 +100,8 @@ def test_rounds_visit_the_chains_forwards_then_backwards() -> None:
         ["fluidity", "squid", "direct"],
         ["direct", "squid", "fluidity"],
     ]
+
+
+def test_an_unknown_chain_is_named_with_the_choices() -> None:
+    with pytest.raises(BenchError, match=r"unknown chain\(s\) \['stunnel-squid'\]; choose from"):
+        check_commands(["direct", "stunnel-squid"])
