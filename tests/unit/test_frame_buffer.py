@@ -7,7 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fluidity.wire.frame_buffer import LARGE_PAYLOAD, READ_BUFFER, BufferedFrameReader
+from fluidity.wire.frame_buffer import (
+    LARGE_PAYLOAD,
+    READ_BUFFER,
+    SPARE_PAYLOAD_BUFFERS,
+    BufferedFrameReader,
+)
 from fluidity.wire.frames import HEADER, FrameReader, FrameType, ProtocolError
 
 Frame = tuple[int, int, int, bytes]
@@ -120,6 +125,36 @@ def test_the_shared_buffer_is_reused_once_no_frame_points_into_it() -> None:
     held: list[object] = []
     assert len(buffers_used(BufferedFrameReader(), held)) == 3  # frames held: new buffers
     assert len(buffers_used(BufferedFrameReader(), None)) == 1  # none held: the same memory
+
+
+def test_large_payload_buffers_are_reused_only_once_no_frame_points_into_them() -> None:
+    size = 4 * LARGE_PAYLOAD
+    reader = BufferedFrameReader()
+
+    def read_frames(count: int, held: list[memoryview] | None) -> set[int]:
+        """Read ``count`` large frames (payloads in place); keep them in ``held`` if given.
+        Returns the buffers the payloads were read into."""
+        used = set()
+        for index in range(count):
+            payload = bytes([index]) * size
+            ((*_, view),) = read_all(reader, encode([(3, 0, 1, payload)]), [HEADER.size, size])
+            assert bytes(view) == payload
+            used.add(id(view.obj))
+            if held is not None:
+                held.append(view)
+            del view
+        return used
+
+    # Each frame dropped at once: one buffer serves them all.
+    assert len(read_frames(20, None)) == 1
+    # Each frame held: none is written again while held, so each is a buffer of its own.
+    held: list[memoryview] = []
+    used = read_frames(SPARE_PAYLOAD_BUFFERS + 2, held)
+    assert len(used) == SPARE_PAYLOAD_BUFFERS + 2
+    assert [bytes(view) for view in held] == [bytes([i]) * size for i in range(len(held))]
+    # Released: the newest spares (at most SPARE_PAYLOAD_BUFFERS are kept) serve again.
+    held.clear()
+    assert read_frames(10, None) < used
 
 
 def test_an_oversized_frame_is_a_protocol_error_before_its_payload_arrives() -> None:
