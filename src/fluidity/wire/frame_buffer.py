@@ -65,7 +65,7 @@ class BufferedFrameReader:
         self._large_header = (0, 0, 0)
         self._large_filled = 0
         self._after_large = False  # the last frame seen was large: read the next header alone
-        self._spares: list[bytearray] = []  # large-payload buffers handed out, newest last
+        self._spares = BufferPool(SPARE_PAYLOAD_BUFFERS)  # for large payloads
 
     @property
     def buffered(self) -> int:
@@ -119,7 +119,7 @@ class BufferedFrameReader:
             elif self._after_large:
                 # Move what has arrived of this payload to a buffer of its own, where the rest
                 # is read in place.
-                large = self._large = self._payload_buffer(length)
+                large = self._large = self._spares.take(length)
                 arrived = end - pos - HEADER_SIZE
                 large[:arrived] = view[pos + HEADER_SIZE : end]
                 self._large_filled = arrived
@@ -129,24 +129,6 @@ class BufferedFrameReader:
                 break
         self._start = pos
         return frames
-
-    def _payload_buffer(self, length: int) -> bytearray:
-        """A buffer of ``length`` bytes for a large payload: a spare no view points into, or new.
-
-        Its old bytes are all overwritten before the frame is returned."""
-        spares = self._spares
-        for index, spare in enumerate(spares):
-            if len(spare) == length and _unexported(spare):
-                del spares[index]
-                spares.append(spare)
-                return spare
-        # One byte of slack, so the export probe never has to reallocate (and copy) it.
-        buffer = bytearray(length + 1)
-        del buffer[-1]
-        spares.append(buffer)
-        if len(spares) > SPARE_PAYLOAD_BUFFERS:
-            del spares[0]  # the oldest lives on while a view holds it, then is freed
-        return buffer
 
     def _renew(self) -> None:
         """Make room: start the buffer over, or take a new one if a frame still points into it."""
@@ -159,6 +141,38 @@ class BufferedFrameReader:
         buffer[: len(partial)] = partial
         self._start = 0
         self._end = len(partial)
+
+
+class BufferPool:
+    """Buffers handed out for reading into, each reused once no view into it is left.
+
+    Keeps the ``keep`` most recently handed-out buffers; an older one lives on while a view
+    holds it, then is freed. A buffer taken again still holds its old bytes: the reader
+    overwrites them. Taking costs a scan of at most ``keep`` buffers.
+    """
+
+    __slots__ = ("_buffers", "keep")
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._buffers: list[bytearray] = []  # newest last
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of ``size`` bytes that no view points into: a kept one, or a new one."""
+        buffers = self._buffers
+        for index, buffer in enumerate(buffers):
+            if len(buffer) == size and _unexported(buffer):
+                if index != len(buffers) - 1:
+                    del buffers[index]
+                    buffers.append(buffer)
+                return buffer
+        # One byte of slack, so the export probe never has to reallocate (and copy) it.
+        buffer = bytearray(size + 1)
+        del buffer[-1]
+        buffers.append(buffer)
+        if len(buffers) > self.keep:
+            del buffers[0]
+        return buffer
 
 
 def _unexported(buffer: bytearray) -> bool:
