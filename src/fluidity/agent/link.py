@@ -18,9 +18,9 @@ from collections.abc import Callable
 from typing import cast
 
 from fluidity.agent.streams import OpenFailure, PushStream, StreamConsumer, StreamOpenError
+from fluidity.link_protocol import LinkProtocol
 from fluidity.logs import log
 from fluidity.wire import (
-    FLUSH_BURST,
     DataReceived,
     ErrorCode,
     GoAwayReceived,
@@ -52,7 +52,7 @@ _FAILURES = {
 }
 
 
-class AgentLink(asyncio.BufferedProtocol):
+class AgentLink(LinkProtocol):
     """Protocol object of the TLS connection to the server."""
 
     def __init__(
@@ -64,12 +64,10 @@ class AgentLink(asyncio.BufferedProtocol):
         keepalive_timeout: float,
         name: str,
     ) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.session = Session(Role.AGENT, settings)
+        super().__init__(Session(Role.AGENT, settings))
         self.streams: dict[int, LinkStream] = {}
         self.stream_buffer = stream_buffer
         self.name = name
-        self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[str] = self._loop.create_future()
         self.draining = False  # the server sent GOAWAY: open nothing new here
@@ -77,9 +75,6 @@ class AgentLink(asyncio.BufferedProtocol):
         self.retired: asyncio.Future[None] = self._loop.create_future()
         self.rtt_ms: float | None = None
         self.close_reason = ""
-        self._paused = False
-        self._flush_scheduled = False
-        self._unflushed = 0  # data_queued calls since the last write
         self._keepalive = Keepalive(keepalive_interval, keepalive_timeout, self._loop.time())
         self._timer: asyncio.TimerHandle | None = None
 
@@ -94,11 +89,6 @@ class AgentLink(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         self._arm_keepalive()
         self.flush()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # The session's frame reader owns the buffer: over TLS, records are decrypted straight
-        # into it, and a large payload into a buffer of its own (no join, no reassembly copy).
-        return self.session.read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         self._keepalive.received(self._loop.time())
@@ -161,43 +151,12 @@ class AgentLink(asyncio.BufferedProtocol):
             self.closed.set_result(reason)
         self._retire()
 
-    def pause_writing(self) -> None:
-        self._paused = True
+    # --- sending (LinkProtocol) ----------------------------------------------------------------
 
-    def resume_writing(self) -> None:
-        self._paused = False
-        self.flush()
-
-    # --- sending ---------------------------------------------------------------------------------
-
-    def request_flush(self) -> None:
-        """Send what the session has at the end of this event-loop turn (coalesces frames)."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self.flush)
-
-    def data_queued(self) -> None:
-        """A stream queued DATA: send it at the end of the turn, or now if it is the
-        :data:`~fluidity.wire.FLUSH_BURST`-th DATA queued since the last write."""
-        self._unflushed += 1
-        if self._unflushed >= FLUSH_BURST:
-            self.flush()
-        else:
-            self.request_flush()
-
-    def flush(self) -> None:
-        self._flush_scheduled = False
-        self._unflushed = 0
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        session = self.session
-        while not self._paused and session.has_data_to_send():
-            transport.writelines(session.buffers_to_send())
-        for stream_id in session.take_drained():
-            stream = self.streams.get(stream_id)
-            if stream is not None:
-                stream.wake_writer()
+    def stream_drained(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.wake_writer()
 
     # --- streams ---------------------------------------------------------------------------------
 

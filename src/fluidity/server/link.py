@@ -20,11 +20,11 @@ import os
 import time
 from typing import TYPE_CHECKING, cast
 
+from fluidity.link_protocol import LinkProtocol
 from fluidity.logs import log
 from fluidity.server.dialer import DialError, DialFailure, dial
 from fluidity.server.egress import IPAddress
 from fluidity.wire import (
-    FLUSH_BURST,
     DataReceived,
     ErrorCode,
     GoAwayReceived,
@@ -55,7 +55,7 @@ _DIAL_CODES = {
 }
 
 
-class ServerLink(asyncio.BufferedProtocol):
+class ServerLink(LinkProtocol):
     """The protocol object of one authenticated agent link."""
 
     def __init__(self, server: Server, peer: str, identity: str) -> None:
@@ -63,14 +63,9 @@ class ServerLink(asyncio.BufferedProtocol):
         self.peer = peer
         self.identity = identity
         config = server.config
-        self.session = Session(Role.SERVER, server.session_settings)
+        super().__init__(Session(Role.SERVER, server.session_settings))
         self.targets: dict[int, Target] = {}
-        self.transport: asyncio.Transport | None = None
-        self.closed = asyncio.get_running_loop().create_future()
-        self._loop = asyncio.get_running_loop()
-        self._paused = False
-        self._flush_scheduled = False
-        self._unflushed = 0  # data_queued calls since the last write
+        self.closed = self._loop.create_future()
         self._keepalive = Keepalive(
             config.keepalive_interval, config.keepalive_timeout, self._loop.time()
         )
@@ -99,11 +94,6 @@ class ServerLink(asyncio.BufferedProtocol):
                 agent=self.identity,
                 reason=f"no HELLO within {self.server.config.handshake_timeout:g}s")  # fmt: skip
             self.transport.abort()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # See AgentLink.get_buffer: TLS records are decrypted straight into the frame reader's
-        # buffers.
-        return self.session.read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.transport is None:
@@ -156,43 +146,12 @@ class ServerLink(asyncio.BufferedProtocol):
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def pause_writing(self) -> None:
-        self._paused = True
+    # --- sending (LinkProtocol) ----------------------------------------------------------------
 
-    def resume_writing(self) -> None:
-        self._paused = False
-        self.flush()
-
-    # --- sending ---------------------------------------------------------------------------------
-
-    def request_flush(self) -> None:
-        """Send what the session has at the end of this event-loop turn (coalesces frames)."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self.flush)
-
-    def data_queued(self) -> None:
-        """A stream queued DATA: send it at the end of the turn, or now if it is the
-        :data:`~fluidity.wire.FLUSH_BURST`-th DATA queued since the last write."""
-        self._unflushed += 1
-        if self._unflushed >= FLUSH_BURST:
-            self.flush()
-        else:
-            self.request_flush()
-
-    def flush(self) -> None:
-        self._flush_scheduled = False
-        self._unflushed = 0
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        session = self.session
-        while not self._paused and session.has_data_to_send():
-            transport.writelines(session.buffers_to_send())
-        for stream_id in session.take_drained():
-            target = self.targets.get(stream_id)
-            if target is not None:
-                target.resume_reading()
+    def stream_drained(self, stream_id: int) -> None:
+        target = self.targets.get(stream_id)
+        if target is not None:
+            target.resume_reading()
 
     # --- streams ---------------------------------------------------------------------------------
 
