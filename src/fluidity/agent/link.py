@@ -129,7 +129,8 @@ class AgentLink(LinkProtocol):
                 self.rtt_ms = (time.monotonic_ns() - sent) / 1e6
             elif type(event) is GoAwayReceived:
                 self._goaway(event)
-        self.request_flush()
+        if self.session.has_data_to_send():  # credit, answers; most reads queue nothing
+            self.request_flush()
 
     def eof_received(self) -> bool:
         return False

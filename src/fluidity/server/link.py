@@ -131,7 +131,8 @@ class ServerLink(LinkProtocol):
                     agent=self.identity, reason=event.message or event.code.name)  # fmt: skip
             elif type(event) is LinkReady or type(event) is PongReceived:
                 pass
-        self.request_flush()
+        if self.session.has_data_to_send():  # credit, answers; most reads queue nothing
+            self.request_flush()
 
     def eof_received(self) -> bool:
         return False  # the agent closed its side: close the link
