@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -30,7 +31,13 @@ from pydantic import (
 )
 
 from fluidity.errors import ConfigError
-from fluidity.wire.session import DEFAULT_MAX_FRAME_SIZE, DEFAULT_STREAM_WINDOW
+from fluidity.wire.frames import MAX_FRAME_PAYLOAD, MAX_WINDOW
+from fluidity.wire.session import (
+    DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_STREAM_WINDOW,
+    DEFAULT_STREAM_WINDOW,
+    DEFAULT_WINDOW_GROWTH_BUDGET,
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -76,8 +83,27 @@ def parse_size(value: object) -> int:
     return size
 
 
+def _size_between(low: int, high: int, what: str) -> AfterValidator:
+    def check(size: int) -> int:
+        if not low <= size <= high:
+            raise ValueError(f"{what} must be {_bytes(low)} to {_bytes(high)}, got {size} bytes")
+        return size
+
+    return AfterValidator(check)
+
+
+def _bytes(size: int) -> str:
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor - 1 and size > 0:
+            return f"{round(size / factor)} {unit}"
+    return f"{size} B"
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+WindowSize = Annotated[Size, _size_between(1024, MAX_WINDOW, "a stream window")]
+MaxWindowSize = Annotated[Size, _size_between(0, MAX_WINDOW, "a window limit")]
+FrameSize = Annotated[Size, _size_between(1024, MAX_FRAME_PAYLOAD, "a frame size")]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 
@@ -150,11 +176,19 @@ class ServerConfig(_Model):
     """Time to resolve and connect a target before answering TIMEOUT."""
     handshake_timeout: Duration = 10.0
     """Time a new connection has to complete TLS and send HELLO."""
-    stream_window: Size = DEFAULT_STREAM_WINDOW
-    """Flow-control window per stream: the most bytes in flight towards this side per stream.
-    Throughput per stream is at most window / round trip; worst-case memory is this times the
-    busy streams."""
-    max_frame_size: Size = DEFAULT_MAX_FRAME_SIZE
+    stream_window: WindowSize = DEFAULT_STREAM_WINDOW
+    """Flow-control window a stream starts with: the most bytes in flight towards this side per
+    stream until it grows (``max_stream_window``). Throughput per stream is at most window /
+    round trip; worst-case memory is this times the busy streams, plus
+    ``stream_window_budget``."""
+    max_stream_window: MaxWindowSize = DEFAULT_MAX_STREAM_WINDOW
+    """Largest window an upload stream grows to when the window, not the path, limits it
+    (measured with PINGs each round trip; see docs/protocol.md). At or below ``stream_window``,
+    windows stay fixed."""
+    stream_window_budget: Size = DEFAULT_WINDOW_GROWTH_BUDGET
+    """Bytes all streams of one link may grow their windows by together, beyond
+    ``stream_window`` (0 = no growth); returned as streams end."""
+    max_frame_size: FrameSize = DEFAULT_MAX_FRAME_SIZE
     """Largest DATA frame payload; smaller interleaves streams finely, larger costs less CPU."""
     stream_buffer: Size = 256 * 1024
     """Bytes read from a target and queued for the link before reading pauses."""
@@ -215,11 +249,19 @@ class TunnelConfig(_Model):
     """Seconds between PINGs."""
     keepalive_timeout: Duration = 30.0
     """A link silent this long is declared dead; its streams fail and the agent reconnects."""
-    stream_window: Size = DEFAULT_STREAM_WINDOW
-    """Flow-control window per stream: bytes the server may send before the agent returns credit.
-    Throughput per stream is at most window / round trip; worst-case memory is this times the
-    busy streams."""
-    max_frame_size: Size = DEFAULT_MAX_FRAME_SIZE
+    stream_window: WindowSize = DEFAULT_STREAM_WINDOW
+    """Flow-control window a stream starts with: bytes the server may send before the agent
+    returns credit, until the window grows (``max_stream_window``). Throughput per stream is at
+    most window / round trip; worst-case memory is this times the busy streams, plus
+    ``stream_window_budget``."""
+    max_stream_window: MaxWindowSize = DEFAULT_MAX_STREAM_WINDOW
+    """Largest window a download stream grows to when the window, not the path, limits it
+    (measured with PINGs each round trip; see docs/protocol.md). At or below ``stream_window``,
+    windows stay fixed."""
+    stream_window_budget: Size = DEFAULT_WINDOW_GROWTH_BUDGET
+    """Bytes all streams of one link may grow their windows by together, beyond
+    ``stream_window`` (0 = no growth); returned as streams end."""
+    max_frame_size: FrameSize = DEFAULT_MAX_FRAME_SIZE
     """Largest DATA frame payload; smaller interleaves streams finely, larger costs less CPU."""
     stream_buffer: Size = 256 * 1024
     """Bytes queued per stream for the link before the writer waits (backpressure)."""

@@ -8,7 +8,8 @@ a measurement, not an assertion.
 
 It runs with the default stream window and with the 256 KiB window docs/hardening.md advises for
 narrow links: an interactive reply waits behind up to one window of the bulk stream's bytes in
-flight, so the window sets the loaded latency (1 MiB at 1 MiB/s is a second).
+flight, so the window sets the loaded latency (1 MiB at 1 MiB/s is a second). Window growth
+(wire/window_tuning.py) must see the queue and leave the window as it is.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ async def test_slow_narrow_link_keeps_transfers_exact_and_interactive_requests_m
 
         upload = await _upload(agent.proxy_port, origin, MiB)
         assert relay.accepted == 1  # one link carried it all
+        (link,) = agent.tunnel.links
+        tuner = link.session.window_tuner
+        assert tuner is not None and tuner.probes_sent > 1
+        # The narrow hop's queue, not the window, holds the download back: growing the window
+        # would only make interactive replies wait longer behind it.
+        assert tuner.windows_grown == 0
 
     assert download.ok and download.sha256 == pattern_sha256(bulk_size), download
     assert upload["body_length"] == MiB

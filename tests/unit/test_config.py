@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import pytest
 
+from fluidity.agent.tunnel import Tunnel
 from fluidity.commands.config import reference_markdown
 from fluidity.config import AgentConfig, ServerConfig, load_config, parse_duration, parse_size
 from fluidity.errors import ConfigError
+from fluidity.server.listener import Server
 
 
 @pytest.mark.parametrize(
@@ -93,6 +96,44 @@ def test_bad_value_names_the_nested_key_and_expectation(tmp_path: Path) -> None:
     path = write(tmp_path, "tunnel:\n  reconnect_max: soon\n")
     with pytest.raises(ConfigError, match=r"tunnel\.reconnect_max: expected a duration"):
         load_config(AgentConfig, path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("model", "text", "message"),
+    [
+        (AgentConfig, "tunnel:\n  stream_window: 100\n",
+         r"tunnel\.stream_window: a stream window must be 1 KiB to 2 GiB, got 100 bytes"),
+        (AgentConfig, "tunnel:\n  max_stream_window: 3GiB\n",
+         r"tunnel\.max_stream_window: a window limit must be 0 B to 2 GiB"),
+        (ServerConfig, "max_frame_size: 2MiB\n",
+         r"max_frame_size: a frame size must be 1 KiB to 1 MiB, got 2097152 bytes"),
+        (ServerConfig, "stream_window_budget: -1\n", r"stream_window_budget: a size cannot be"),
+    ],
+)  # fmt: skip
+def test_window_and_frame_sizes_out_of_range_are_explained(
+    tmp_path: Path, model: type[AgentConfig] | type[ServerConfig], text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(model, write(tmp_path, text), environ={})
+
+
+def test_window_growth_settings_reach_the_sessions() -> None:
+    config = AgentConfig.model_validate(
+        {"tunnel": {"stream_window": "512KiB", "max_stream_window": "4MiB",
+                    "stream_window_budget": "8MiB"}}
+    )  # fmt: skip
+    tunnel = Tunnel("127.0.0.1", 1, "server", ssl.create_default_context(), config.tunnel)
+    assert tunnel.settings.initial_window == 512 * 1024
+    assert tunnel.settings.max_window == 4 * 1024 * 1024
+    assert tunnel.settings.window_growth_budget == 8 * 1024 * 1024
+    assert tunnel.settings.tunes_windows
+
+
+def test_server_window_growth_settings_reach_the_sessions() -> None:
+    config = ServerConfig.model_validate({"max_stream_window": 0, "stream_window_budget": "1MiB"})
+    listener = Server(config, ssl.create_default_context())
+    assert listener.session_settings.window_growth_budget == 1024 * 1024
+    assert not listener.session_settings.tunes_windows  # max_stream_window 0: fixed windows
 
 
 def test_missing_env_variable_without_default_is_explained(tmp_path: Path) -> None:

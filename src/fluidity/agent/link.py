@@ -64,7 +64,7 @@ class AgentLink(LinkProtocol):
         keepalive_timeout: float,
         name: str,
     ) -> None:
-        super().__init__(Session(Role.AGENT, settings))
+        super().__init__(Session(Role.AGENT, settings, clock=time.monotonic))
         self.streams: dict[int, LinkStream] = {}
         self.stream_buffer = stream_buffer
         self.name = name

@@ -64,7 +64,10 @@ class Tunnel:
         self.ssl_context = ssl_context
         self.config = config
         self.settings = SessionSettings(
-            initial_window=config.stream_window, max_frame_size=config.max_frame_size
+            initial_window=config.stream_window,
+            max_frame_size=config.max_frame_size,
+            max_window=config.max_stream_window,
+            window_growth_budget=config.stream_window_budget,
         )
         self.links: list[AgentLink] = []
         self.state = "connecting"  # connecting | connected | reconnecting | stopped

@@ -63,7 +63,7 @@ class ServerLink(LinkProtocol):
         self.peer = peer
         self.identity = identity
         config = server.config
-        super().__init__(Session(Role.SERVER, server.session_settings))
+        super().__init__(Session(Role.SERVER, server.session_settings, clock=time.monotonic))
         self.targets: dict[int, Target] = {}
         self.closed = self._loop.create_future()
         self._keepalive = Keepalive(

@@ -62,6 +62,8 @@ class Server:
             initial_window=config.stream_window,
             max_frame_size=config.max_frame_size,
             max_streams=config.max_streams_per_connection,
+            max_window=config.max_stream_window,
+            window_growth_budget=config.stream_window_budget,
         )
         self.links: set[ServerLink] = set()
         self.stats = ServerStats(self._link_totals)

@@ -9,14 +9,18 @@ Only the agent opens streams (ids 1, 2, 3, ...); the server accepts or rejects t
 
 Memory bounds (per link):
 
-- receiving: a stream never holds more than ``settings.initial_window`` bytes the application has
-  not yet :meth:`~Session.consumed`; a peer that sends more is a protocol error;
+- receiving: a stream never holds more than its receive window of bytes the application has not
+  yet :meth:`~Session.consumed`; a peer that sends more is a protocol error. Windows start at
+  ``settings.initial_window``; given a clock, the session grows those that hold their stream back,
+  up to ``settings.max_window`` and ``settings.window_growth_budget`` bytes more per link in all
+  (:mod:`fluidity.wire.window_tuning`);
 - sending: bytes given to :meth:`~Session.send_data` wait in the stream's queue until credit
   allows them out. The session does not cap this queue; the adapter bounds it by pausing its
   source while :meth:`~Session.pending_bytes` is above its own limit (it learns when to resume
   from :meth:`~Session.take_drained`).
 
-Worst case for N streams: ``N * (initial_window + adapter send limit)`` bytes.
+Worst case for N streams: ``N * (initial_window + adapter send limit) + window_growth_budget``
+bytes.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from fluidity.wire.events import (
 )
 from fluidity.wire.frame_buffer import LARGE_PAYLOAD, BufferedFrameReader, Frame
 from fluidity.wire.frames import ErrorCode, FrameType, ProtocolError
+from fluidity.wire.window_tuning import WindowTuner
 
 _DATA = FrameType.DATA
 _END = frames.FLAG_END_STREAM
@@ -60,6 +65,11 @@ DEFAULT_STREAM_WINDOW = 1024 * 1024
 """Bytes: the default ``initial_window`` (and the config's ``stream_window``)."""
 DEFAULT_MAX_FRAME_SIZE = 256 * 1024
 """Bytes: the default ``max_frame_size`` of HELLO and of the config."""
+DEFAULT_MAX_STREAM_WINDOW = 16 * 1024 * 1024
+"""Bytes: the config's default ``max_stream_window`` (a window the tuner may grow to): enough for
+about 300 MB/s at 50 ms, or 1 Gbit/s at 130 ms."""
+DEFAULT_WINDOW_GROWTH_BUDGET = 64 * 1024 * 1024
+"""Bytes: the config's default ``stream_window_budget`` (growth of all windows of a link)."""
 
 FLUSH_BURST = 16
 """DATA writes an I/O adapter lets queue before it writes them to the link, instead of waiting for
@@ -91,11 +101,18 @@ class SessionSettings:
         one trip through the consumer per frame).
     max_streams: streams the server accepts open at once on one link (default 1024); further
         OPENs get ``LIMIT``. Ignored on the agent.
+    max_window: bytes a stream's receive window may grow to when the session is given a clock
+        (:mod:`fluidity.wire.window_tuning`). At or below ``initial_window`` (the default, 0)
+        windows stay fixed.
+    window_growth_budget: bytes all streams of one link may grow their windows by together
+        (default 64 MiB); what a stream grew returns to the budget when it can receive no more.
     """
 
     initial_window: int = DEFAULT_STREAM_WINDOW
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     max_streams: int = 1024
+    max_window: int = 0
+    window_growth_budget: int = DEFAULT_WINDOW_GROWTH_BUDGET
 
     def __post_init__(self) -> None:
         if not 1024 <= self.initial_window <= frames.MAX_WINDOW:
@@ -104,6 +121,17 @@ class SessionSettings:
             raise ValueError(f"max_frame_size must be 1 KiB-1 MiB, got {self.max_frame_size}")
         if self.max_streams < 1:
             raise ValueError(f"max_streams must be at least 1, got {self.max_streams}")
+        if not 0 <= self.max_window <= frames.MAX_WINDOW:
+            raise ValueError(f"max_window must be 0-2 GiB, got {self.max_window}")
+        if self.window_growth_budget < 0:
+            raise ValueError(
+                f"window_growth_budget cannot be negative, got {self.window_growth_budget}"
+            )
+
+    @property
+    def tunes_windows(self) -> bool:
+        """Whether windows may grow at all (given a clock)."""
+        return self.max_window > self.initial_window and self.window_growth_budget > 0
 
 
 class _Stream:
@@ -122,6 +150,7 @@ class _Stream:
         "opened",
         "pending",
         "pending_bytes",
+        "received",
         "recv_remaining",
         "remote_ended",
         "send_credit",
@@ -133,6 +162,7 @@ class _Stream:
         self.send_credit = send_credit
         self.recv_remaining = recv_window  # bytes the peer may still send
         self.unacked = 0  # bytes consumed by the application, not yet returned as credit
+        self.received = 0  # DATA bytes in all (counted only while windows are tuned)
         self.pending: deque[bytes | memoryview] | None = None
         self.pending_bytes = 0
         self.opened = opened
@@ -144,11 +174,26 @@ class _Stream:
 
 
 class Session:
-    """One side of a Fluidity link. See the module docstring for the contract."""
+    """One side of a Fluidity link. See the module docstring for the contract.
 
-    def __init__(self, role: Role, settings: SessionSettings | None = None) -> None:
+    clock: seconds, monotonic (``time.monotonic``). Only needed to grow receive windows
+        (``settings.max_window``); without it they stay at ``settings.initial_window``.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        settings: SessionSettings | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.role = role
         self.settings = settings or SessionSettings()
+        s = self.settings
+        self.window_tuner: WindowTuner | None = None
+        if clock is not None and s.tunes_windows:
+            self.window_tuner = WindowTuner(
+                s.initial_window, s.max_window, s.window_growth_budget, clock
+            )
         self._reader = frames.FrameReader(self.settings.max_frame_size)
         self._buffered_reader = BufferedFrameReader(self.settings.max_frame_size)
         self._streams: dict[int, _Stream] = {}
@@ -172,13 +217,14 @@ class Session:
         self.bytes_received = 0
         self.streams_opened = 0
         self._buffered = 0
-        s = self.settings
         self._queue(
             FrameType.HELLO,
             0,
             0,
             frames.hello_payload(frames.PROTOCOL_VERSION, s.initial_window, s.max_frame_size),
         )
+        if self.window_tuner is not None:
+            self._queue(FrameType.PING, 0, 0, self.window_tuner.baseline_probe())
 
     # --- inspection ------------------------------------------------------------------------------
 
@@ -466,10 +512,18 @@ class Session:
             )
         stream.recv_remaining -= n
         self.bytes_received += n
+        tuner = self.window_tuner
+        if tuner is not None:
+            stream.received += n
+            probe = tuner.on_data(stream_id, n, stream.received)
+            if probe is not None:
+                self._queue(FrameType.PING, 0, 0, probe)
         if n:
             events.append(DataReceived(stream_id, payload))
         if flags & _END:
             stream.remote_ended = True
+            if tuner is not None:
+                tuner.forget(stream_id)
             events.append(StreamEnded(stream_id))
             self._maybe_close(stream)
 
@@ -519,7 +573,12 @@ class Session:
             if stream_id != 0 or len(payload) != frames.PING_PAYLOAD_SIZE:
                 raise ProtocolError("malformed PING")
             if flags & frames.FLAG_ACK:
-                events.append(PongReceived(bytes(payload)))
+                answer = bytes(payload)
+                grants = self.window_tuner.on_pong(answer) if self.window_tuner else None
+                if grants is None:
+                    events.append(PongReceived(answer))
+                else:
+                    self._grow_windows(grants)
             else:
                 self._queue(FrameType.PING, frames.FLAG_ACK, 0, bytes(payload))
         elif frame_type == FrameType.GOAWAY:
@@ -590,6 +649,15 @@ class Session:
     def _queue(self, frame_type: int, flags: int, stream_id: int, payload: bytes) -> None:
         self._control.append(_pack_header(len(payload), frame_type, flags, stream_id) + payload)
 
+    def _grow_windows(self, grants: list[tuple[int, int]]) -> None:
+        """Give the peer the extra credit of windows the tuner grew."""
+        for stream_id, increment in grants:
+            stream = self._streams.get(stream_id)
+            if stream is None or stream.remote_ended:
+                continue  # the tuner has been told (forget); its budget is back
+            stream.recv_remaining += increment
+            self._queue(FrameType.WINDOW, 0, stream_id, frames.window_payload(increment))
+
     def _mark_ready(self, stream: _Stream) -> None:
         if not stream.in_ready:
             stream.in_ready = True
@@ -602,6 +670,8 @@ class Session:
 
     def _discard(self, stream: _Stream) -> None:
         stream.closed = True
+        if self.window_tuner is not None:
+            self.window_tuner.forget(stream.id)
         self._buffered -= stream.pending_bytes
         stream.pending = None
         stream.pending_bytes = 0

@@ -1,0 +1,200 @@
+"""Receive windows that grow towards the bandwidth-delay product (sans-I/O; the caller's clock).
+
+One stream moves at most ``window / round trip``: a 1 MiB window over a 50 ms path caps a
+download at 20 MB/s however fast both ends are. A fixed window large enough for every path would
+let each of a thousand streams pin that much memory, so the receiver starts every stream at
+``initial_window`` and grows only the windows that are holding their stream back, the way gRPC's
+BDP estimator and Linux's receive-buffer auto-tuning do:
+
+1. When a stream has received more than its window in all (a download, not a small exchange),
+   the receiver sends a *probe*: a PING whose payload is :data:`PROBE_MAGIC` and a round number
+   (keepalive PINGs carry a monotonic timestamp in nanoseconds, whose first byte stays 0 for
+   centuries), and notes the time.
+2. Until the answer arrives it counts the DATA bytes each stream receives: what the stream moved
+   in one round trip.
+3. On the answer, a stream that moved at least 2/3 of its window in that round trip, at a rate at
+   least :data:`GROWTH_MARGIN` times the best it had shown, while the round trip stayed within
+   :data:`QUEUE_TOLERANCE` of the link's shortest, gets its window doubled (at most
+   ``max_window``, and within the link's ``growth_budget``). The extra credit is granted at once
+   with a WINDOW frame; the protocol needs nothing new.
+
+The last two tests stop growth where the path, not the window, is the limit. Past that point a
+larger window only fills the queue in front of the narrowest hop: the round trip grows and the
+rate stays flat. The shortest round trip comes from a probe sent with the session's HELLO, on
+an idle link, and from every probe after it. A round that grows nothing makes the next probe wait
+:data:`QUIET_ROUND_TRIPS` round trips, so a stream that is as fast as it can be costs a PING every
+few round trips, not every one. On loopback the event loops' turns, not the path, set the round
+trip under load, so windows there stay as they are (they are not what limits a stream there).
+
+Windows never shrink while a stream lives; what a stream grew returns to the budget once the
+stream can receive nothing more (its peer ended it, or it was reset or closed). Worst-case
+receive memory of a link is therefore ``streams * initial_window + growth_budget``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+PROBE_MAGIC = b"\xffBDP"
+"""First 4 bytes of a probe PING's payload (the other 4 are the round number, big-endian)."""
+GROWTH_MARGIN = 1.25
+"""A window grows only if its stream's rate in the probe round beat its best earlier rate by
+this factor: a stream limited by its window about doubles its rate when the window doubles,
+while a stream limited by the path moves within noise of its best."""
+QUEUE_TOLERANCE = 1.5
+"""A window grows only if its probe's round trip was at most this many times the link's shortest:
+beyond, bytes are queueing on the path and a larger window would only lengthen the queue."""
+QUIET_ROUND_TRIPS = 8
+"""Round trips the next probe waits after a round in which no window grew."""
+SETTLE_ROUND_TRIPS = 1
+"""Round trips the next probe waits after a round that grew a window."""
+
+
+class WindowTuner:
+    """Per-link window growth book-keeping; see the module docstring for the method.
+
+    initial_window: bytes every stream's window starts at (the HELLO's ``initial_window``).
+    max_window: bytes no stream's window grows beyond (above ``initial_window``).
+    growth_budget: bytes all streams of the link may grow by together, beyond their
+        ``initial_window`` (0 = no growth at all).
+    clock: seconds from any fixed origin, monotonic (``time.monotonic``); read when a probe
+        leaves and when its answer arrives, and by a stream waiting for a quiet period to end.
+    """
+
+    __slots__ = (
+        "_baseline_pending",
+        "_best_rate",
+        "_budget_left",
+        "_clock",
+        "_min_round_trip",
+        "_moved",
+        "_quiet_until",
+        "_round",
+        "_sent_at",
+        "_windows",
+        "initial_window",
+        "max_window",
+        "probes_sent",
+        "windows_grown",
+    )
+
+    def __init__(
+        self,
+        initial_window: int,
+        max_window: int,
+        growth_budget: int,
+        clock: Callable[[], float],
+    ) -> None:
+        if max_window <= initial_window:
+            raise ValueError("max_window must be above initial_window for windows to grow")
+        if growth_budget < 0:
+            raise ValueError("growth_budget cannot be negative")
+        self.initial_window = initial_window
+        self.max_window = max_window
+        self._budget_left = growth_budget
+        self._clock = clock
+        self._windows: dict[int, int] = {}  # only streams that grew
+        self._best_rate: dict[int, float] = {}  # bytes/s, streams seen in a probe round
+        self._moved: dict[int, int] = {}  # bytes per stream in the round in flight
+        self._round = 0
+        self._sent_at: float | None = None  # the round in flight, if any
+        self._quiet_until = 0.0
+        self._min_round_trip = float("inf")
+        self._baseline_pending = False
+        #: Running totals, for metrics and tests.
+        self.probes_sent = 0
+        self.windows_grown = 0
+
+    @property
+    def budget_left(self) -> int:
+        """Bytes the link's windows may still grow by together."""
+        return self._budget_left
+
+    def window(self, stream_id: int) -> int:
+        """The receive window of ``stream_id`` now (bytes)."""
+        return self._windows.get(stream_id, self.initial_window)
+
+    @property
+    def min_round_trip(self) -> float:
+        """Seconds: the shortest probe round trip seen on the link (inf before the first)."""
+        return self._min_round_trip
+
+    def baseline_probe(self) -> bytes:
+        """The payload of a probe to send with HELLO, on the idle link: the path's round trip."""
+        self._baseline_pending = True
+        return self._start_round(self._clock())
+
+    def _start_round(self, now: float) -> bytes:
+        self._round = (self._round + 1) & 0xFFFFFFFF
+        self._sent_at = now
+        self._moved = {}
+        self.probes_sent += 1
+        return PROBE_MAGIC + self._round.to_bytes(4, "big")
+
+    def on_data(self, stream_id: int, nbytes: int, received: int) -> bytes | None:
+        """``nbytes`` of DATA arrived on ``stream_id``, which has received ``received`` in all.
+
+        Returns the 8-byte payload of a probe PING to send now, or None.
+        """
+        if self._sent_at is not None:
+            moved = self._moved
+            moved[stream_id] = moved.get(stream_id, 0) + nbytes
+            return None
+        window = self._windows.get(stream_id, self.initial_window)
+        if received <= window or window >= self.max_window or self._budget_left <= 0:
+            return None
+        now = self._clock()
+        if now < self._quiet_until:
+            return None
+        return self._start_round(now)  # this frame came before the probe: it does not count
+
+    def on_pong(self, payload: bytes) -> list[tuple[int, int]] | None:
+        """A PING answer arrived; return the window increments it earns, as (stream id, bytes).
+
+        Returns None if ``payload`` is not a probe's (a keepalive's answer, for the caller to
+        surface), and an empty list for a probe that earns nothing or is stale.
+        """
+        if payload[:4] != PROBE_MAGIC or len(payload) != 8:
+            return None
+        sent_at = self._sent_at
+        if sent_at is None or int.from_bytes(payload[4:], "big") != self._round:
+            return []
+        now = self._clock()
+        round_trip = max(now - sent_at, 1e-6)
+        self._sent_at = None
+        moved, self._moved = self._moved, {}
+        self._min_round_trip = min(self._min_round_trip, round_trip)
+        if self._baseline_pending:
+            self._baseline_pending = False
+            return []
+        queued = round_trip > QUEUE_TOLERANCE * self._min_round_trip
+        grants: list[tuple[int, int]] = []
+        for stream_id, nbytes in moved.items():
+            rate = nbytes / round_trip
+            best = self._best_rate.get(stream_id, 0.0)
+            if rate <= best:
+                continue
+            self._best_rate[stream_id] = rate
+            window = self._windows.get(stream_id, self.initial_window)
+            if queued or nbytes * 3 < window * 2 or rate < best * GROWTH_MARGIN:
+                continue
+            increment = min(window, self.max_window - window, self._budget_left)
+            if increment <= 0:
+                continue
+            self._windows[stream_id] = window + increment
+            self._budget_left -= increment
+            self.windows_grown += 1
+            grants.append((stream_id, increment))
+        # After a grant, wait out the round trip in which the extra credit reaches the sender
+        # and its bytes come back, so that the next round measures the grown window.
+        quiet = SETTLE_ROUND_TRIPS if grants else QUIET_ROUND_TRIPS
+        self._quiet_until = now + quiet * round_trip
+        return grants
+
+    def forget(self, stream_id: int) -> None:
+        """``stream_id`` receives nothing more: return what it grew to the budget."""
+        grown = self._windows.pop(stream_id, None)
+        if grown is not None:
+            self._budget_left += grown - self.initial_window
+        self._best_rate.pop(stream_id, None)
+        self._moved.pop(stream_id, None)

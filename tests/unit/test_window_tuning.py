@@ -1,0 +1,465 @@
+"""Receive-window growth (wire/window_tuning.py): unit tests and a simulated slow path.
+
+The simulation moves the bytes of a real agent and server session over a modelled path: a one-way
+delay each way and, towards the agent, a bandwidth with a queue in front of it (so a window
+larger than the path holds only lengthens the round trip, as on a real bottleneck). Time is
+simulated; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import pytest
+
+from fluidity.wire import frames
+from fluidity.wire.events import DataReceived, LinkReady, PongReceived, StreamEnded
+from fluidity.wire.frames import FrameReader, FrameType
+from fluidity.wire.session import Role, Session, SessionSettings
+from fluidity.wire.window_tuning import PROBE_MAGIC, WindowTuner
+
+KIB = 1024
+MIB = 1024 * 1024
+BIG = 1 << 40  # bytes received in all: a long download
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def probe_pings(data: bytes) -> list[bytes]:
+    return [
+        bytes(p)
+        for t, f, _s, p in FrameReader().feed(data)
+        if t == FrameType.PING and not f & frames.FLAG_ACK and bytes(p[:4]) == PROBE_MAGIC
+    ]
+
+
+def window_increments(data: bytes, stream_id: int) -> list[int]:
+    return [
+        frames.parse_window(p)
+        for t, _f, s, p in FrameReader().feed(data)
+        if t == FrameType.WINDOW and s == stream_id
+    ]
+
+
+# --- the tuner alone ---------------------------------------------------------------------------
+
+
+def test_tuner_refuses_settings_that_cannot_grow() -> None:
+    with pytest.raises(ValueError, match="above initial_window"):
+        WindowTuner(MIB, MIB, 4 * MIB, FakeClock())
+    with pytest.raises(ValueError, match="negative"):
+        WindowTuner(MIB, 2 * MIB, -1, FakeClock())
+
+
+def test_tuner_probes_only_a_stream_that_moved_more_than_its_window() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
+    assert tuner.on_data(1, 100 * KIB, received=100 * KIB) is None
+    assert tuner.on_data(1, 924 * KIB, received=MIB) is None  # no more than one window yet
+    probe = tuner.on_data(1, 1, received=MIB + 1)  # a download
+    assert probe is not None and probe[:4] == PROBE_MAGIC and len(probe) == 8
+    assert tuner.on_data(1, 300 * KIB, received=2 * MIB) is None  # one probe at a time
+    assert tuner.probes_sent == 1
+
+
+def test_tuner_doubles_a_window_limited_stream_and_grants_the_difference() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
+    probe = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert probe is not None
+    tuner.on_data(1, MIB, received=BIG)  # a whole window moved in the round trip
+    clock.now += 0.050
+    assert tuner.on_pong(probe) == [(1, MIB)]
+    assert tuner.window(1) == 2 * MIB
+    assert tuner.budget_left == 63 * MIB
+
+
+def test_tuner_does_not_grow_when_the_stream_moved_well_under_its_window() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
+    probe = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert probe is not None
+    tuner.on_data(1, 300 * KIB, received=BIG)  # under 2/3 of the window per round trip
+    clock.now += 0.050
+    assert tuner.on_pong(probe) == []
+    assert tuner.window(1) == MIB
+
+
+def test_tuner_does_not_grow_when_the_rate_did_not_rise() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
+    first = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert first is not None
+    tuner.on_data(1, MIB, received=BIG)
+    clock.now += 0.010
+    assert tuner.on_pong(first) == [(1, MIB)]  # 100 MiB/s
+    assert tuner.on_data(1, 600 * KIB, received=BIG) is None  # the grant has a round trip to act
+    clock.now += 0.010
+    second = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert second is not None
+    tuner.on_data(1, 2 * MIB, received=BIG)  # a whole (doubled) window, but in twice the time
+    clock.now += 0.020
+    assert tuner.on_pong(second) == []  # still 100 MiB/s: the path is the limit
+    assert tuner.window(1) == 2 * MIB
+
+
+def test_tuner_waits_quiet_round_trips_after_a_round_that_grew_nothing() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
+    probe = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert probe is not None
+    clock.now += 0.010
+    assert tuner.on_pong(probe) == []  # nothing moved in the round
+    clock.now += 0.070  # seven round trips
+    assert tuner.on_data(1, 10 * KIB, received=BIG) is None
+    clock.now += 0.011
+    assert tuner.on_data(1, 10 * KIB, received=BIG) is not None
+
+
+def run_round(
+    tuner: WindowTuner, clock: FakeClock, stream_id: int, moved: int, rtt: float
+) -> list[tuple[int, int]]:
+    probe = tuner.on_data(stream_id, 600 * KIB, received=BIG)
+    assert probe is not None
+    tuner.on_data(stream_id, moved, received=BIG)
+    clock.now += rtt
+    grants = tuner.on_pong(probe)
+    clock.now += 10  # past any quiet period
+    return grants or []
+
+
+def test_tuner_caps_growth_at_max_window_and_at_the_budget() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 3 * MIB, 3 * MIB, clock)
+    assert run_round(tuner, clock, 1, MIB, 0.010) == [(1, MIB)]
+    assert run_round(tuner, clock, 1, 2 * MIB, 0.010) == [(1, MIB)]  # 3 MiB (max), not 4
+    assert tuner.window(1) == 3 * MIB
+    assert tuner.on_data(1, 600 * KIB, received=BIG) is None  # at max_window: no probe
+    assert run_round(tuner, clock, 2, MIB, 0.010) == [(2, MIB)]  # the budget's last MiB
+    assert tuner.budget_left == 0
+    assert tuner.on_data(2, 600 * KIB, received=BIG) is None  # nothing left to grant: no probe
+    tuner.forget(1)
+    assert tuner.budget_left == 2 * MIB
+    assert tuner.window(1) == MIB
+    assert run_round(tuner, clock, 2, 2 * MIB, 0.010) == [(2, MIB)]  # now it may grow on
+    assert tuner.window(2) == 3 * MIB
+
+
+def test_tuner_passes_other_answers_through_and_swallows_stale_probes() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
+    keepalive = (123_456_789).to_bytes(8, "big")
+    assert tuner.on_pong(keepalive) is None
+    assert tuner.on_pong(PROBE_MAGIC + (7).to_bytes(4, "big")) == []  # none in flight
+    probe = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert probe is not None
+    assert tuner.on_pong(PROBE_MAGIC + (99).to_bytes(4, "big")) == []  # another round's
+    assert tuner.on_data(1, MIB, received=BIG) is None  # the real one is still in flight
+
+
+def test_tuner_does_not_grow_while_the_path_queues() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
+    baseline = tuner.baseline_probe()
+    clock.now += 0.010
+    assert tuner.on_pong(baseline) == []  # the idle link: 10 ms
+    assert tuner.min_round_trip == pytest.approx(0.010)
+    probe = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert probe is not None
+    tuner.on_data(1, MIB, received=BIG)  # a whole window, but in 16 ms: 6 ms of it queueing
+    clock.now += 0.016
+    assert tuner.on_pong(probe) == []
+    assert tuner.window(1) == MIB
+    clock.now += 1
+    probe = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert probe is not None
+    tuner.on_data(1, 2 * MIB, received=BIG)  # twice the rate, within 1.5 x the shortest
+    clock.now += 0.014
+    assert tuner.on_pong(probe) == [(1, MIB)]
+
+
+def test_baseline_round_grants_nothing() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
+    baseline = tuner.baseline_probe()
+    assert tuner.on_data(1, 4 * MIB, received=BIG) is None  # counted, but only as a baseline
+    clock.now += 0.010
+    assert tuner.on_pong(baseline) == []
+    assert tuner.window(1) == MIB
+
+
+def test_forgotten_stream_earns_nothing_from_the_round_in_flight() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
+    probe = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert probe is not None
+    tuner.on_data(1, MIB, received=BIG)
+    tuner.forget(1)
+    clock.now += 0.01
+    assert tuner.on_pong(probe) == []
+    assert tuner.budget_left == 64 * MIB
+
+
+# --- the session with a tuner --------------------------------------------------------------------
+
+
+def tuned_pair(
+    clock: FakeClock, agent_settings: SessionSettings | None = None
+) -> tuple[Session, Session, int]:
+    """A tuned agent, an untuned server, the HELLOs exchanged and one stream open."""
+    agent = Session(
+        Role.AGENT,
+        agent_settings or SessionSettings(initial_window=64 * KIB, max_window=MIB),
+        clock=clock,
+    )
+    server = Session(Role.SERVER, SessionSettings(max_frame_size=16 * KIB))
+    server.receive_data(agent.data_to_send())  # HELLO and the baseline probe
+    clock.now += 0.010  # the idle link's round trip
+    assert agent.receive_data(server.data_to_send()) == [
+        LinkReady(frames.PROTOCOL_VERSION, server.settings.initial_window, 16 * KIB)
+    ]  # the probe's answer is the tuner's
+    stream_id = agent.open_stream("example.com", 443)
+    server.receive_data(agent.data_to_send())
+    server.accept_stream(stream_id)
+    agent.receive_data(server.data_to_send())
+    return agent, server, stream_id
+
+
+def test_session_without_clock_or_headroom_has_no_tuner() -> None:
+    assert Session(Role.AGENT, SessionSettings(max_window=16 * MIB)).window_tuner is None
+    clock = FakeClock()
+    assert Session(Role.AGENT, SessionSettings(), clock=clock).window_tuner is None  # max 0
+    fixed = SessionSettings(initial_window=MIB, max_window=MIB)
+    assert Session(Role.AGENT, fixed, clock=clock).window_tuner is None
+    no_budget = SessionSettings(max_window=16 * MIB, window_growth_budget=0)
+    assert Session(Role.AGENT, no_budget, clock=clock).window_tuner is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_window": -1}, {"max_window": frames.MAX_WINDOW + 1}, {"window_growth_budget": -1}],
+)
+def test_settings_refuse_out_of_range_growth(kwargs: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match=r"max_window|window_growth_budget"):
+        SessionSettings(**kwargs)
+
+
+def test_session_grants_grown_window_and_the_peer_may_use_all_of_it() -> None:
+    clock = FakeClock()
+    agent, server, stream_id = tuned_pair(clock)
+    tuner = agent.window_tuner
+    assert tuner is not None
+    server.send_data(stream_id, bytes(4 * MIB))
+    increments: list[int] = []
+    probes: list[bytes] = []
+    for _ in range(20):  # a prompt reader, 10 ms a round trip
+        for event in agent.receive_data(server.data_to_send()):
+            assert not isinstance(event, PongReceived)  # probe answers are the tuner's
+            if isinstance(event, DataReceived):
+                agent.consumed(stream_id, len(event.data))
+        clock.now += 0.010
+        sent = agent.data_to_send()
+        increments += window_increments(sent, stream_id)
+        probes += probe_pings(sent)
+        server.receive_data(sent)
+        if tuner.window(stream_id) > 64 * KIB:
+            break
+    assert tuner.window(stream_id) == 128 * KIB
+    assert probes and 64 * KIB in increments  # the grant, beside 16 KiB credit returns
+    # The server may now have up to the grown window in flight: the agent takes it all.
+    unread = 0
+    for _ in range(20):
+        for event in agent.receive_data(server.data_to_send()):
+            if isinstance(event, DataReceived):
+                unread += len(event.data)
+    assert 112 * KIB <= unread <= 128 * KIB  # 128 KiB less the consumed bytes not yet returned
+
+
+def test_session_keepalive_answers_still_surface() -> None:
+    clock = FakeClock()
+    agent, server, _ = tuned_pair(clock)
+    agent.send_ping(b"\x00" * 7 + b"\x01")
+    server.receive_data(agent.data_to_send())
+    events = agent.receive_data(server.data_to_send())
+    assert events == [PongReceived(b"\x00" * 7 + b"\x01")]
+
+
+def test_small_streams_never_probe() -> None:
+    clock = FakeClock()
+    agent, server, _ = tuned_pair(clock)
+    for _ in range(200):
+        stream_id = agent.open_stream("example.com", 80)
+        server.receive_data(agent.data_to_send())
+        server.accept_stream(stream_id)
+        server.send_data(stream_id, bytes(2 * KIB))
+        server.end_stream(stream_id)
+        events = agent.receive_data(server.data_to_send())
+        assert StreamEnded(stream_id) in events
+        agent.end_stream(stream_id)
+        assert probe_pings(agent.data_to_send()) == []
+    assert agent.window_tuner is not None
+    assert agent.window_tuner.probes_sent == 1  # the baseline probe with HELLO
+    assert agent.open_streams == 1  # only the first stream is left
+
+
+def test_ended_and_reset_streams_return_their_growth() -> None:
+    clock = FakeClock()
+    agent, server, stream_id = tuned_pair(clock)
+    tuner = agent.window_tuner
+    assert tuner is not None
+    budget = tuner.budget_left
+    assert run_round(tuner, clock, stream_id, 64 * KIB, 0.010) == [(stream_id, 64 * KIB)]
+    assert tuner.budget_left == budget - 64 * KIB
+    server.end_stream(stream_id)
+    agent.receive_data(server.data_to_send())  # END_STREAM: nothing more can arrive
+    assert tuner.budget_left == budget
+
+    second = agent.open_stream("example.com", 443)
+    assert run_round(tuner, clock, second, 64 * KIB, 0.010) == [(second, 64 * KIB)]
+    agent.reset_stream(second, frames.ErrorCode.CANCELLED)
+    assert tuner.budget_left == budget
+
+
+# --- a simulated path ----------------------------------------------------------------------------
+
+
+@dataclass
+class Path:
+    """``delay`` seconds each way; towards the agent, ``bandwidth`` bytes/s behind a queue."""
+
+    delay: float
+    bandwidth: float
+    clock: FakeClock
+    to_agent: list[tuple[float, int, bytes]] = field(default_factory=list)
+    to_server: list[tuple[float, int, bytes]] = field(default_factory=list)
+    _free_at: float = 0.0
+    _seq: int = 0
+
+    def send_to_agent(self, data: bytes) -> None:
+        start = max(self.clock.now, self._free_at)
+        self._free_at = start + len(data) / self.bandwidth
+        self._push(self.to_agent, self._free_at + self.delay, data)
+
+    def send_to_server(self, data: bytes) -> None:
+        self._push(self.to_server, self.clock.now + self.delay, data)
+
+    def _push(self, queue: list[tuple[float, int, bytes]], at: float, data: bytes) -> None:
+        self._seq += 1
+        heapq.heappush(queue, (at, self._seq, data))
+
+    def due(self, queue: list[tuple[float, int, bytes]]) -> list[bytes]:
+        out = []
+        while queue and queue[0][0] <= self.clock.now:
+            out.append(heapq.heappop(queue)[2])
+        return out
+
+
+@dataclass
+class Download:
+    agent: Session
+    received: list[tuple[float, int]]  # (time, bytes) per DATA frame
+
+    def rate(self, since: float, until: float) -> float:
+        moved = sum(n for t, n in self.received if since <= t < until)
+        return moved / (until - since)
+
+
+def simulate(
+    agent_settings: SessionSettings,
+    *,
+    tuned: bool = True,
+    delay: float = 0.010,
+    bandwidth: float = 200e6,
+    seconds: float = 3.0,
+    tick: float = 0.0005,
+) -> Download:
+    """Download from the server for ``seconds`` of simulated time; the agent reads at once."""
+    clock = FakeClock()
+    agent = Session(Role.AGENT, agent_settings, clock=clock if tuned else None)
+    server = Session(Role.SERVER, SessionSettings(max_frame_size=64 * KIB))
+    path = Path(delay, bandwidth, clock)
+    path.send_to_server(agent.data_to_send())
+    path.send_to_agent(server.data_to_send())
+    start = clock.now
+    stream_id = 0
+    received: list[tuple[float, int]] = []
+    chunk = bytes(256 * KIB)
+    for _ in range(int(seconds / tick)):
+        clock.now += tick
+        for data in path.due(path.to_server):
+            for event in server.receive_data(data):
+                if type(event).__name__ == "StreamOpenRequested":
+                    server.accept_stream(event.stream_id)  # type: ignore[union-attr]
+        for data in path.due(path.to_agent):
+            for event in agent.receive_data(data):
+                if isinstance(event, DataReceived):
+                    received.append((clock.now - start, len(event.data)))
+                    agent.consumed(event.stream_id, len(event.data))
+        if agent.peer_ready and not stream_id:
+            stream_id = agent.open_stream("example.com", 443)
+        if stream_id and server.has_stream(stream_id):
+            while server.pending_bytes(stream_id) < 2 * MIB:
+                server.send_data(stream_id, chunk)
+        while server.has_data_to_send():
+            path.send_to_agent(server.data_to_send(64 * KIB))
+        if agent.has_data_to_send():
+            path.send_to_server(agent.data_to_send())
+    return Download(agent, received)
+
+
+def test_window_grows_on_a_long_path_to_near_its_bandwidth_and_stops() -> None:
+    settings = SessionSettings(initial_window=256 * KIB, max_window=16 * MIB)
+    fixed = simulate(settings, tuned=False)
+    tuned = simulate(settings)
+    # 256 KiB per 20 ms round trip is about 13 MB/s; the path carries 200 MB/s.
+    assert fixed.rate(1.0, 3.0) < 15e6
+    assert tuned.rate(2.0, 3.0) > 150e6
+    tuner = tuned.agent.window_tuner
+    assert tuner is not None
+    window = tuner.window(1)
+    # The bandwidth-delay product is 4 MB: grown past it, stopped well short of max_window.
+    assert 4e6 <= window <= 8 * MIB
+    assert tuner.budget_left == settings.window_growth_budget - (window - 256 * KIB)
+
+
+def test_window_stays_put_when_the_path_is_the_limit_and_probes_stay_rare() -> None:
+    settings = SessionSettings(initial_window=256 * KIB, max_window=16 * MIB)
+    # 5 MB/s over a 20 ms round trip: 100 KB in flight fill the path, and the rest of a 256 KiB
+    # window queues in front of it (31 ms): every round trip carries a whole window, but a long one.
+    download = simulate(settings, bandwidth=5e6, seconds=5.0)
+    tuner = download.agent.window_tuner
+    assert tuner is not None
+    assert tuner.min_round_trip == pytest.approx(0.020, abs=0.001)  # the baseline probe's
+    assert tuner.window(1) == 256 * KIB
+    assert tuner.windows_grown == 0
+    assert download.rate(1.0, 5.0) > 4.5e6
+    # A round trip here is about 50 ms: about 100 in 5 s, one probe every 9 at most.
+    assert 1 < tuner.probes_sent < 15
+
+
+def test_window_grows_at_most_once_past_a_path_it_nearly_fits() -> None:
+    settings = SessionSettings(initial_window=256 * KIB, max_window=16 * MIB)
+    # 10 MB/s over 20 ms: the 256 KiB window is 1.3 times the path's 200 KB, a queue of 6 ms,
+    # within the tolerance; doubled, the queue is 31 ms and growth stops.
+    download = simulate(settings, bandwidth=10e6, seconds=5.0)
+    tuner = download.agent.window_tuner
+    assert tuner is not None
+    assert tuner.window(1) <= 512 * KIB
+    assert download.rate(1.0, 5.0) > 9e6
+
+
+def test_window_growth_stops_at_max_window_on_a_very_long_path() -> None:
+    settings = SessionSettings(initial_window=256 * KIB, max_window=MIB)
+    download = simulate(settings, delay=0.050, bandwidth=1e9, seconds=3.0)
+    tuner = download.agent.window_tuner
+    assert tuner is not None
+    assert tuner.window(1) == MIB
+    # 1 MiB per 100 ms round trip is the cap: about 10.5 MB/s.
+    assert 9.5e6 < download.rate(2.0, 3.0) < 11e6
