@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint unit install clean bench bench-smoke bench-deps lint-deploy image \
+.PHONY: run test lint unit install clean bench bench-longpath bench-smoke bench-deps lint-deploy image \
 	test-deps soak fuzz-long load
 
 $(BIN)/python:
@@ -67,6 +67,10 @@ bench-deps:
 ## bench: Fluidity against direct, tinyproxy, squid, stunnel, ssh -L, pproxy (~15 min)
 bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench
+
+## bench-longpath: one download per chain over a 40 ms relay (window growth vs fixed; ~3 min)
+bench-longpath: $(STAMP) bench-deps
+	$(BIN)/python -m bench.longpath
 
 ## bench-smoke: every benchmark chain moves bytes correctly (seconds; no timing asserted)
 bench-smoke: $(STAMP) bench-deps

@@ -35,14 +35,25 @@ class Chain:
         return [p.pid for p in self.processes]
 
 
+def no_hop(name: str, port: int) -> int:
+    """The port a chain's client half dials to reach its server half's ``port``: that port."""
+    return port
+
+
 @dataclass(frozen=True)
 class Context:
-    """What every chain builder needs."""
+    """What every chain builder needs.
+
+    ``hop(name, port)``: the port a chain's client half dials to reach ``port`` on its server
+    half, the hop that crosses the network in a real deployment (``bench.longpath`` puts a
+    delay relay there).
+    """
 
     table: ProcessTable
     root: Path
     pki: PkiPaths
     python: str = sys.executable
+    hop: Callable[[str, int], int] = no_hop
 
 
 def _dir(ctx: Context, name: str, mode: int = 0o755) -> Path:
@@ -126,7 +137,7 @@ def stunnel(ctx: Context, backend: Chain, name: str) -> Chain:
     client_conf = work / "client.conf"
     client_conf.write_text(
         f"{common}output = {work}/client.log\n[tls]\nclient = yes\n"
-        f"accept = 127.0.0.1:{client_port}\nconnect = 127.0.0.1:{server_port}\n"
+        f"accept = 127.0.0.1:{client_port}\nconnect = 127.0.0.1:{ctx.hop(name, server_port)}\n"
         f"cert = {pki.client_cert}\nkey = {pki.client_key}\nCAfile = {pki.ca_cert}\n"
         "verifyChain = yes\ncheckHost = fluidity-server\nsslVersionMin = TLSv1.3\n"
     )
@@ -187,7 +198,8 @@ def ssh(ctx: Context, backend: Chain, name: str = "ssh+squid") -> Chain:
     client = ctx.table.start(
         f"{name}-client",
         [
-            "ssh", "-F", "/dev/null", "-tt", "-p", str(port), "-i", str(work / "user_key"),
+            "ssh", "-F", "/dev/null", "-tt", "-p", str(ctx.hop(name, port)),
+            "-i", str(work / "user_key"),
             "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
             "-o", "UserKnownHostsFile=/dev/null", "-o", "ExitOnForwardFailure=yes",
             "-o", "IPQoS=throughput", "-o", "LogLevel=ERROR",
@@ -220,7 +232,7 @@ def pproxy(ctx: Context, name: str = "pproxy") -> Chain:
         f"{name}-client",
         [
             ctx.python, "-m", "bench.run_pproxy", "-l", f"http://127.0.0.1:{client_port}",
-            "-r", f"http+ssl://127.0.0.1:{server_port}",
+            "-r", f"http+ssl://127.0.0.1:{ctx.hop(name, server_port)}",
         ],
     )  # fmt: skip
     wait_listening(client_port, [client], ctx.table, READY_TIMEOUT)
@@ -256,19 +268,30 @@ log_level: "warning"
 
 
 def fluidity(
-    ctx: Context, name: str = "fluidity", module: str = "fluidity", source: Path | None = None
+    ctx: Context,
+    name: str = "fluidity",
+    module: str = "fluidity",
+    source: Path | None = None,
+    *,
+    extra_config: str = "",
 ) -> Chain:
     """``python -m fluidity server`` and ``agent`` with configs written here.
 
     ``module`` may be ``bench.fluidity_asyncio``: the same commands on asyncio's own loop.
     ``source``: a checkout of another commit, whose ``src`` is imported instead of this one's.
+    ``extra_config``: YAML lines added to both configs (keys both roles have, at the top level
+    of the server's and under ``tunnel:`` in the agent's).
     """
     work = _dir(ctx, name)
     server_port, proxy_port = free_port(), free_port()
-    (work / "server.yaml").write_text(FLUIDITY_SERVER.format(port=server_port, pki=ctx.pki))
-    (work / "agent.yaml").write_text(
-        FLUIDITY_AGENT.format(server_port=server_port, proxy_port=proxy_port, pki=ctx.pki)
+    server_yaml = FLUIDITY_SERVER.format(port=server_port, pki=ctx.pki) + extra_config
+    agent_yaml = FLUIDITY_AGENT.format(
+        server_port=ctx.hop(name, server_port), proxy_port=proxy_port, pki=ctx.pki
     )
+    if extra_config:
+        agent_yaml += "tunnel:\n" + "".join(f"  {line}\n" for line in extra_config.splitlines())
+    (work / "server.yaml").write_text(server_yaml)
+    (work / "agent.yaml").write_text(agent_yaml)
     env = dict(os.environ)
     env.pop("FLUIDITY_LOG_LEVEL", None)
     if source is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,13 +81,24 @@ def _write_object(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def start_target(table: ProcessTable, root: Path, *, bulk: bool, connections: int) -> Target:
-    """Generate the objects (the 512 MiB one only if ``bulk``) and start nginx on a free port."""
+def start_target(
+    table: ProcessTable,
+    root: Path,
+    *,
+    bulk: bool,
+    connections: int,
+    extra: Mapping[str, int] | None = None,
+) -> Target:
+    """Generate the objects (the 512 MiB one only if ``bulk``) and start nginx on a free port.
+
+    ``extra``: more objects to serve, path to size in bytes (``{"/long": 64 << 20}``).
+    """
     www = root / "www"
     www.mkdir()
     sizes = {"/small": SMALL_SIZE, "/medium": MEDIUM_SIZE}
     if bulk:
         sizes["/bulk"] = BULK_SIZE
+    sizes.update(extra or {})
     digests = {path: _write_object(www / path[1:], size) for path, size in sizes.items()}
     # nginx workers may run as "nobody": everything they read must be world-readable.
     for item in (root, www, *www.iterdir()):

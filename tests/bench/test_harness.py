@@ -6,6 +6,10 @@ tests need nothing but Python and run in ``make test`` with the rest.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import datetime as dt
+import hashlib
 import os
 import sys
 import time
@@ -14,8 +18,10 @@ from pathlib import Path
 import pytest
 from bench.__main__ import check_commands, round_order
 from bench.chains import Chain, baseline_source
+from bench.delay_relay import tcp_window_cap
+from bench.longpath import render as render_long_path
 from bench.many import ManyResult
-from bench.procs import BenchError, ProcessTable, cpu_seconds, peak_rss_bytes
+from bench.procs import BenchError, ProcessTable, cpu_seconds, free_port, peak_rss_bytes
 from bench.report import ChainResult, goals, table
 
 MiB = 1024 * 1024
@@ -105,3 +111,73 @@ def test_rounds_visit_the_chains_forwards_then_backwards() -> None:
 def test_an_unknown_chain_is_named_with_the_choices() -> None:
     with pytest.raises(BenchError, match=r"unknown chain\(s\) \['stunnel-squid'\]; choose from"):
         check_commands(["direct", "stunnel-squid"])
+
+
+# --- the long-path relay and report ---------------------------------------------------------------
+
+
+async def _echo_server() -> tuple[asyncio.Server, int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_tcp_window_cap_is_read_from_the_kernel() -> None:
+    expected = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+    assert tcp_window_cap() == expected
+
+
+async def test_delay_relay_moves_bytes_exactly_both_ways_and_holds_them_back() -> None:
+    server, port = await _echo_server()
+    listen = free_port()
+    relay = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.delay_relay", "--listen", str(listen), "--to", str(port),
+        "--delay", "0.05", "--window", str(256 * 1024),
+    )  # fmt: skip
+    try:
+        for _ in range(100):  # up to 5 s for the relay to listen
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the relay never listened")
+        started = time.monotonic()
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        # The relay holds each direction back 50 ms: the echo's round trip is at least 100 ms.
+        assert time.monotonic() - started >= 0.1
+        payload = os.urandom(2 * MiB)  # 8 windows: the relay must release space as acks return
+        writer.write(payload)
+        writer.write_eof()
+        echoed = await asyncio.wait_for(reader.read(-1), 30)
+        assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+        writer.close()
+    finally:
+        relay.terminate()
+        await relay.wait()
+        server.close()
+        await server.wait_closed()
+
+
+def test_long_path_report_gives_ratios_to_direct_and_to_fixed_windows() -> None:
+    chains = [
+        Chain("direct", None),
+        Chain("fluidity-fixed", 1, [], "fixed"),
+        Chain("fluidity", 2, [], "growing"),
+    ]
+    speeds = {"direct": [400.0, 500.0, 450.0], "fluidity-fixed": [25.0], "fluidity": [225.0]}
+    cpu = {"direct": 0.0, "fluidity-fixed": 1.0, "fluidity": 1.0}
+    args = argparse.Namespace(rtt=40.0, size=64, rounds=3)
+    started = dt.datetime(2026, 12, 7, 20, 0, tzinfo=dt.UTC)
+    text = render_long_path(chains, speeds, cpu, args, started)
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["direct"].startswith("| direct | 450.0 | 1.00 | 18.00 |")
+    assert rows["fluidity"].startswith("| fluidity | 225.0 | 0.50 | 9.00 |")
+    assert "40 ms round trip" in text
