@@ -82,4 +82,4 @@ async def test_windows_grow_on_a_long_path_and_the_budget_comes_back(
         assert tuner.windows_grown >= 2, "a 1 MiB window at 40 ms holds a stream back"
         assert tuner.budget_left == defaults.stream_window_budget  # every stream gave it back
         assert 0.035 < tuner.min_round_trip < 0.2
-    assert defaults.max_stream_window == 16 * MiB  # what the growth above was capped at
+    assert defaults.max_stream_window == 32 * MiB  # what the growth above was capped at

@@ -65,9 +65,11 @@ DEFAULT_STREAM_WINDOW = 1024 * 1024
 """Bytes: the default ``initial_window`` (and the config's ``stream_window``)."""
 DEFAULT_MAX_FRAME_SIZE = 256 * 1024
 """Bytes: the default ``max_frame_size`` of HELLO and of the config."""
-DEFAULT_MAX_STREAM_WINDOW = 16 * 1024 * 1024
+DEFAULT_MAX_STREAM_WINDOW = 32 * 1024 * 1024
 """Bytes: the config's default ``max_stream_window`` (a window the tuner may grow to): enough for
-about 300 MB/s at 50 ms, or 1 Gbit/s at 130 ms."""
+about 670 MB/s at 50 ms, or 1 Gbit/s at 260 ms. The link's budget (64 MiB), not this, bounds
+memory. Through a 40 ms relay on loopback one 1 GiB download reached 335 MB/s with 16 MiB and
+453 MB/s with 32 MiB (docs/benchmarks.md)."""
 DEFAULT_WINDOW_GROWTH_BUDGET = 64 * 1024 * 1024
 """Bytes: the config's default ``stream_window_budget`` (growth of all windows of a link)."""
 
