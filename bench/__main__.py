@@ -33,11 +33,10 @@ from bench.chains import (
 from bench.many import ManyResult, many_tunnels
 from bench.measure import TunnelResult, WrkResult, curl_download, fetch, tunnels, wrk
 from bench.procs import BenchError, ProcessTable, cpu_seconds, peak_rss_bytes, raise_open_files
-from bench.report import ChainResult, environment, goals, table
+from bench.report import ChainResult, environment, goals, publish, table
 from bench.target import Target, start_target
 from fluidity.certs import init_pki
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1024 * 1024
 
 
@@ -257,12 +256,7 @@ def run(args: argparse.Namespace) -> int:
         report = render(
             [results[c.name] for c in chains], many, started, load_before, os.getloadavg()
         )
-        print(report)
-        if not args.no_save:
-            RESULTS.mkdir(exist_ok=True)
-            path = RESULTS / f"{started:%Y%m%d-%H%M%S}.md"
-            path.write_text(report)
-            print(f"\nwritten to {path}", file=sys.stderr)
+        publish(report, f"{started:%Y%m%d-%H%M%S}.md", save=not args.no_save)
         return 0
     finally:
         table_.stop_all()

@@ -26,11 +26,11 @@ import tempfile
 from pathlib import Path
 
 from bench import chains as build
-from bench.__main__ import RESULTS, _progress, _use_uvloop, round_order, wait_ready
+from bench.__main__ import _progress, _use_uvloop, round_order, wait_ready
 from bench.delay_relay import tcp_window_cap
 from bench.measure import curl_download
 from bench.procs import BenchError, ProcessTable, Started, cpu_seconds, free_port, wait_listening
-from bench.report import environment
+from bench.report import environment, publish
 from bench.target import start_target
 from fluidity.certs import init_pki
 
@@ -113,12 +113,7 @@ def run(args: argparse.Namespace) -> int:
                 speeds[chain.name].append(size / seconds / 1e6)
                 _progress(f"{round_no + 1} {chain.name}: {size / seconds / 1e6:.1f} MB/s")
         report = render(chains, speeds, cpu, args, started)
-        print(report)
-        if not args.no_save:
-            RESULTS.mkdir(exist_ok=True)
-            path = RESULTS / f"longpath-{started:%Y%m%d-%H%M%S}.md"
-            path.write_text(report)
-            print(f"\nwritten to {path}", file=sys.stderr)
+        publish(report, f"longpath-{started:%Y%m%d-%H%M%S}.md", save=not args.no_save)
         return 0
     finally:
         table.stop_all()

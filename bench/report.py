@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.many import ManyResult
 
@@ -150,6 +151,20 @@ def _py_version(module: str) -> str:
         return metadata.version(module)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""Where reports are written (git-ignored)."""
+
+
+def publish(report: str, filename: str, *, save: bool) -> None:
+    """Print ``report``; with ``save``, also write it to ``bench/results/<filename>``."""
+    print(report)
+    if save:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / filename
+        path.write_text(report)
+        print(f"\nwritten to {path}", file=sys.stderr)
 
 
 def environment() -> list[str]:

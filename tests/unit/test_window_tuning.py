@@ -63,7 +63,8 @@ def test_tuner_probes_only_a_stream_that_moved_more_than_its_window() -> None:
     tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
     assert tuner.on_data(1, 100 * KIB, received=100 * KIB) is None
     assert tuner.on_data(1, 924 * KIB, received=MIB) is None  # no more than one window yet
-    probe = tuner.on_data(1, 1, received=MIB + 1)  # a download
+    assert tuner.on_data(1, 16 * KIB - 1, received=2 * MIB) is None  # a small frame
+    probe = tuner.on_data(1, 16 * KIB, received=2 * MIB)  # a download's frame
     assert probe is not None and probe[:4] == PROBE_MAGIC and len(probe) == 8
     assert tuner.on_data(1, 300 * KIB, received=2 * MIB) is None  # one probe at a time
     assert tuner.probes_sent == 1
@@ -118,9 +119,9 @@ def test_tuner_waits_quiet_round_trips_after_a_round_that_grew_nothing() -> None
     clock.now += 0.010
     assert tuner.on_pong(probe) == []  # nothing moved in the round
     clock.now += 0.070  # seven round trips
-    assert tuner.on_data(1, 10 * KIB, received=BIG) is None
+    assert tuner.on_data(1, 16 * KIB, received=BIG) is None
     clock.now += 0.011
-    assert tuner.on_data(1, 10 * KIB, received=BIG) is not None
+    assert tuner.on_data(1, 16 * KIB, received=BIG) is not None
 
 
 def run_round(
@@ -280,6 +281,21 @@ def test_session_grants_grown_window_and_the_peer_may_use_all_of_it() -> None:
             if isinstance(event, DataReceived):
                 unread += len(event.data)
     assert 112 * KIB <= unread <= 128 * KIB  # 128 KiB less the consumed bytes not yet returned
+
+
+def test_many_small_exchanges_on_one_stream_never_probe() -> None:
+    clock = FakeClock()
+    agent, server, stream_id = tuned_pair(clock)
+    for _ in range(2_000):  # 600 KiB each way, ten times the 64 KiB window
+        agent.send_data(stream_id, bytes(300))
+        server.receive_data(agent.data_to_send())
+        server.send_data(stream_id, bytes(300))
+        for event in agent.receive_data(server.data_to_send()):
+            if isinstance(event, DataReceived):
+                agent.consumed(stream_id, len(event.data))
+        clock.now += 0.0002
+    assert agent.window_tuner is not None
+    assert agent.window_tuner.probes_sent == 1  # only the baseline probe with HELLO
 
 
 def test_session_keepalive_answers_still_surface() -> None:

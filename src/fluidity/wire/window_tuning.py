@@ -6,8 +6,9 @@ let each of a thousand streams pin that much memory, so the receiver starts ever
 ``initial_window`` and grows only the windows that are holding their stream back, the way gRPC's
 BDP estimator and Linux's receive-buffer auto-tuning do:
 
-1. When a stream has received more than its window in all (a download, not a small exchange),
-   the receiver sends a *probe*: a PING whose payload is :data:`PROBE_MAGIC` and a round number
+1. When a stream that has received more than its window in all gets a DATA frame of at least
+   :data:`PROBE_FRAME_BYTES` (a download, not a run of small exchanges), the receiver sends a
+   *probe*: a PING whose payload is :data:`PROBE_MAGIC` and a round number
    (keepalive PINGs carry a monotonic timestamp in nanoseconds, whose first byte stays 0 for
    centuries), and notes the time.
 2. Until the answer arrives it counts the DATA bytes each stream receives: what the stream moved
@@ -41,6 +42,11 @@ GROWTH_MARGIN = 1.25
 """A window grows only if its stream's rate in the probe round beat its best earlier rate by
 this factor: a stream limited by its window about doubles its rate when the window doubles,
 while a stream limited by the path moves within noise of its best."""
+PROBE_FRAME_BYTES = 16 * 1024
+"""Smallest DATA frame that may start a probe. A sender held back by its window fills its frames
+(up to ``max_frame_size``); a keep-alive connection's small requests and answers pass a window in
+all after a few thousand exchanges, and would otherwise probe every few round trips for ever
+(at c1, 2-4 % on the latency)."""
 QUEUE_TOLERANCE = 1.5
 """A window grows only if its probe's round trip was at most this many times the link's shortest:
 beyond, bytes are queueing on the path and a larger window would only lengthen the queue."""
@@ -141,7 +147,12 @@ class WindowTuner:
             moved[stream_id] = moved.get(stream_id, 0) + nbytes
             return None
         window = self._windows.get(stream_id, self.initial_window)
-        if received <= window or window >= self.max_window or self._budget_left <= 0:
+        if (
+            nbytes < PROBE_FRAME_BYTES
+            or received <= window
+            or window >= self.max_window
+            or self._budget_left <= 0
+        ):
             return None
         now = self._clock()
         if now < self._quiet_until:
