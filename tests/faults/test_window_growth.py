@@ -56,6 +56,8 @@ async def test_windows_grow_on_a_long_path_and_the_budget_comes_back(
         upload = await _upload(agent.proxy_port, origin, SIZE // 2)
         upload_seconds = time.monotonic() - started
         await asyncio.sleep(0.2)  # the streams' last frames (END, WINDOW) cross the link
+        assert agent.clients.status is not None
+        status = agent.clients.status.snapshot()["link"]
         (agent_link,) = agent.tunnel.links
         (server_link,) = server.links
         agent_session, server_session = agent_link.session, server_link.session
@@ -76,6 +78,7 @@ async def test_windows_grow_on_a_long_path_and_the_budget_comes_back(
         assert agent_session.window_tuner is None and server_session.window_tuner is None
         return
     defaults = TunnelConfig()
+    assert status["windows_grown"] >= 2 and status["window_growth_bytes"] == 0  # all given back
     for session in (agent_session, server_session):
         tuner = session.window_tuner
         assert tuner is not None

@@ -142,6 +142,7 @@ class AgentStatus:
         tunnel, front = self.tunnel, self.front
         live = list(self._live.values())
         rtts = [link.rtt_ms for link in tunnel.links if link.rtt_ms is not None]
+        tuners = [t for link in tunnel.links if (t := link.session.window_tuner) is not None]
         socks = front.socks
         proxy = front.proxy
         return {
@@ -152,6 +153,10 @@ class AgentStatus:
                 "server_name": tunnel.server_name,
                 "links_up": sum(1 for link in tunnel.links if link.usable),
                 "rtt_ms": round(min(rtts), 2) if rtts else None,
+                # Downloads held back by their window on a long path: how often and how much
+                # their windows grew (see docs/protocol.md, section 6).
+                "windows_grown": sum(t.windows_grown for t in tuners),
+                "window_growth_bytes": sum(t.grown_bytes for t in tuners),
                 "last_error": tunnel.last_error or None,
                 "via": self.upstream,
             },
@@ -293,6 +298,11 @@ def render_html(snapshot: dict[str, Any]) -> str:
         ("Server", f"{link['server']} (certificate name {link['server_name']})"),
         ("Route", link["via"]),
         ("Round trip", f"{link['rtt_ms']} ms" if link["rtt_ms"] is not None else "-"),
+        (
+            "Stream windows grown",
+            f"{link['windows_grown']} (now {link['window_growth_bytes']} bytes beyond "
+            "stream_window)",
+        ),
         ("Last link error", link["last_error"] or "-"),
         ("Lifecycle", snapshot["lifecycle"] or "-"),
         ("Up since", f"{snapshot['started_at']} ({snapshot['uptime_seconds']:.0f} s)"),

@@ -78,6 +78,7 @@ class WindowTuner:
         "_round",
         "_sent_at",
         "_windows",
+        "growth_budget",
         "initial_window",
         "max_window",
         "probes_sent",
@@ -97,6 +98,7 @@ class WindowTuner:
             raise ValueError("growth_budget cannot be negative")
         self.initial_window = initial_window
         self.max_window = max_window
+        self.growth_budget = growth_budget
         self._budget_left = growth_budget
         self._clock = clock
         self._windows: dict[int, int] = {}  # only streams that grew
@@ -119,6 +121,11 @@ class WindowTuner:
     def window(self, stream_id: int) -> int:
         """The receive window of ``stream_id`` now (bytes)."""
         return self._windows.get(stream_id, self.initial_window)
+
+    @property
+    def grown_bytes(self) -> int:
+        """Bytes by which the windows of the streams still receiving have grown, together."""
+        return self.growth_budget - self._budget_left
 
     @property
     def min_round_trip(self) -> float:
