@@ -84,26 +84,27 @@ def parse_size(value: object) -> int:
 
 
 def _size_between(low: int, high: int, what: str) -> AfterValidator:
+    """A check that a size is ``low`` to ``high`` bytes; ``what`` names it and the range."""
+
     def check(size: int) -> int:
         if not low <= size <= high:
-            raise ValueError(f"{what} must be {_bytes(low)} to {_bytes(high)}, got {size} bytes")
+            raise ValueError(f"{what}, got {size} bytes")
         return size
 
     return AfterValidator(check)
 
 
-def _bytes(size: int) -> str:
-    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= factor - 1 and size > 0:
-            return f"{round(size / factor)} {unit}"
-    return f"{size} B"
-
-
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
-WindowSize = Annotated[Size, _size_between(1024, MAX_WINDOW, "a stream window")]
-MaxWindowSize = Annotated[Size, _size_between(0, MAX_WINDOW, "a window limit")]
-FrameSize = Annotated[Size, _size_between(1024, MAX_FRAME_PAYLOAD, "a frame size")]
+WindowSize = Annotated[
+    Size, _size_between(1024, MAX_WINDOW, "a stream window must be 1 KiB to 2 GiB")
+]
+MaxWindowSize = Annotated[
+    Size, _size_between(0, MAX_WINDOW, "a window limit must be 0 (no growth) to 2 GiB")
+]
+FrameSize = Annotated[
+    Size, _size_between(1024, MAX_FRAME_PAYLOAD, "a frame size must be 1 KiB to 1 MiB")
+]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 

@@ -104,7 +104,7 @@ def test_bad_value_names_the_nested_key_and_expectation(tmp_path: Path) -> None:
         (AgentConfig, "tunnel:\n  stream_window: 100\n",
          r"tunnel\.stream_window: a stream window must be 1 KiB to 2 GiB, got 100 bytes"),
         (AgentConfig, "tunnel:\n  max_stream_window: 3GiB\n",
-         r"tunnel\.max_stream_window: a window limit must be 0 B to 2 GiB"),
+         r"tunnel\.max_stream_window: a window limit must be 0 \(no growth\) to 2 GiB, got 3"),
         (ServerConfig, "max_frame_size: 2MiB\n",
          r"max_frame_size: a frame size must be 1 KiB to 1 MiB, got 2097152 bytes"),
         (ServerConfig, "stream_window_budget: -1\n", r"stream_window_budget: a size cannot be"),
