@@ -48,6 +48,7 @@ async def test_status_reports_link_server_streams_and_bytes_each_way(pki: PkiPat
     assert link["server_name"] == "fluidity-server" and link["via"] == "direct"
     assert link["links_up"] == 1 and before["lifecycle"] is None
     assert link["windows_grown"] == 0 and link["window_growth_bytes"] == 0  # no long path here
+    assert link["windows_shrunk"] == 0
     assert before["uptime_seconds"] >= 0 and before["streams_open"] == 0
     assert after["bytes"]["received"] >= before["bytes"]["received"] + 100_000
     assert after["bytes"]["sent"] > before["bytes"]["sent"]

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from bench.__main__ import check_commands, round_order
 from bench.chains import Chain, baseline_source
-from bench.delay_relay import tcp_window_cap
+from bench.delay_relay import Bottleneck, tcp_window_cap
+from bench.longpath import Runs
 from bench.longpath import render as render_long_path
 from bench.many import ManyResult
 from bench.procs import BenchError, ProcessTable, cpu_seconds, free_port, peak_rss_bytes
@@ -132,22 +133,37 @@ def test_tcp_window_cap_is_read_from_the_kernel() -> None:
     assert tcp_window_cap() == expected
 
 
-async def test_delay_relay_moves_bytes_exactly_both_ways_and_holds_them_back() -> None:
+async def _start_relay(*options: str) -> tuple[asyncio.subprocess.Process, int, asyncio.Server]:
+    """An echo server behind a delay relay started with ``options``: process, port, server."""
     server, port = await _echo_server()
     listen = free_port()
     relay = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.delay_relay", "--listen", str(listen), "--to", str(port),
-        "--delay", "0.05", "--window", str(256 * 1024),
+        *options,
     )  # fmt: skip
+    return relay, listen, server
+
+
+async def _connect(listen: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    for _ in range(100):  # up to 5 s for the relay to listen
+        try:
+            return await asyncio.open_connection("127.0.0.1", listen)
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise AssertionError("the relay never listened")
+
+
+async def _stop_relay(relay: asyncio.subprocess.Process, server: asyncio.Server) -> None:
+    relay.terminate()
+    await relay.wait()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_delay_relay_moves_bytes_exactly_both_ways_and_holds_them_back() -> None:
+    relay, listen, server = await _start_relay("--delay", "0.05", "--window", str(256 * 1024))
     try:
-        for _ in range(100):  # up to 5 s for the relay to listen
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", listen)
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the relay never listened")
+        reader, writer = await _connect(listen)
         started = time.monotonic()
         writer.write(b"ping")
         assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
@@ -160,10 +176,35 @@ async def test_delay_relay_moves_bytes_exactly_both_ways_and_holds_them_back() -
         assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
         writer.close()
     finally:
-        relay.terminate()
-        await relay.wait()
-        server.close()
-        await server.wait_closed()
+        await _stop_relay(relay, server)
+
+
+def test_a_bottleneck_sends_what_it_is_handed_one_after_the_other_at_its_rate() -> None:
+    line = Bottleneck(rate=1000.0)  # bytes/s
+    assert line.departure(0.0, 1000) == pytest.approx(1.0)
+    # Handed over while the first 1000 bytes are still leaving: queued behind them.
+    assert line.departure(0.5, 500) == pytest.approx(1.5)
+    # Handed over once the line is idle again: leaves after its own sending time only.
+    assert line.departure(3.0, 100) == pytest.approx(3.1)
+
+
+async def test_a_rate_capped_relay_paces_the_bytes_and_keeps_them_whole() -> None:
+    relay, listen, server = await _start_relay(
+        "--delay", "0.001", "--rate", str(4 * MiB), "--window", str(MiB)
+    )
+    try:
+        reader, writer = await _connect(listen)
+        payload = os.urandom(MiB)
+        started = time.monotonic()
+        writer.write(payload)
+        writer.write_eof()
+        echoed = await asyncio.wait_for(reader.read(-1), 30)
+        # 1 MiB through a 4 MiB/s line cannot take less than a quarter of a second.
+        assert time.monotonic() - started >= 0.25
+        assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+        writer.close()
+    finally:
+        await _stop_relay(relay, server)
 
 
 def test_long_path_report_gives_ratios_to_direct_and_to_fixed_windows() -> None:
@@ -172,12 +213,27 @@ def test_long_path_report_gives_ratios_to_direct_and_to_fixed_windows() -> None:
         Chain("fluidity-fixed", 1, [], "fixed"),
         Chain("fluidity", 2, [], "growing"),
     ]
-    speeds = {"direct": [400.0, 500.0, 450.0], "fluidity-fixed": [25.0], "fluidity": [225.0]}
-    cpu = {"direct": 0.0, "fluidity-fixed": 1.0, "fluidity": 1.0}
-    args = argparse.Namespace(rtt=40.0, size=64, rounds=3)
+    runs = {
+        "direct": Runs([400.0, 500.0, 450.0], [40.5, 41.0], [41.0, 45.0, 300.0]),
+        "fluidity-fixed": Runs([25.0], [41.0], [42.0], cpu_seconds=1.0),
+        "fluidity": Runs([225.0], [41.0], [float(ms) for ms in range(50, 150)], cpu_seconds=1.0),
+    }
+    args = argparse.Namespace(rtt=40.0, size=64, rounds=3, rate=0.0)
     started = dt.datetime(2026, 12, 7, 20, 0, tzinfo=dt.UTC)
-    text = render_long_path(chains, speeds, cpu, args, started)
+    text = render_long_path(chains, runs, args, started)
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
-    assert rows["direct"].startswith("| direct | 450.0 | 1.00 | 18.00 |")
-    assert rows["fluidity"].startswith("| fluidity | 225.0 | 0.50 | 9.00 |")
+    assert rows["direct"] == (
+        "| direct | 450.0 | 1.00 | 18.00 | 400.0 500.0 450.0 |  | 40.8 | 45.0 | 300.0 |"
+    )
+    # 100 loaded samples 50..149 ms: median 99.5, the 99th percentile 149.
+    assert rows["fluidity"].startswith("| fluidity | 225.0 | 0.50 | 9.00 | 225.0 | ")
+    assert rows["fluidity"].endswith(" | 41.0 | 99.5 | 149.0 |")
     assert "40 ms round trip" in text
+    assert "no bandwidth cap" in text
+
+
+def test_long_path_report_names_the_bottleneck() -> None:
+    runs = {"direct": Runs([10.0], [40.0], [90.0])}
+    args = argparse.Namespace(rtt=40.0, size=64, rounds=1, rate=12.5)
+    text = render_long_path([Chain("direct", None)], runs, args, dt.datetime.now(dt.UTC))
+    assert "a 12.5 MB/s bottleneck each way" in text

@@ -30,6 +30,7 @@ from typing import Self
 
 HOST = "127.0.0.1"
 CHUNK = 16 * 1024
+RATE_SLACK = 0.005  # seconds a rate-capped direction may catch up by after sleeping long
 
 
 class _Direction:
@@ -41,6 +42,7 @@ class _Direction:
         self.queue: deque[tuple[float, bytes | None]] = deque()
         self.queued = 0
         self.changed = asyncio.Event()
+        self.line_free_at = 0.0  # loop time at which the rate cap has sent all it was given
 
 
 class _Pair:
@@ -131,7 +133,15 @@ class _Pair:
             else:
                 relay.bytes_down += len(data)
             if relay.rate:
-                await asyncio.sleep(len(data) / relay.rate)
+                # Pace against a running schedule, not chunk by chunk: event loops round short
+                # timers to whole milliseconds, so a sleep per 16 KiB chunk caps a fast line
+                # far below its rate. A line behind its schedule by up to RATE_SLACK seconds
+                # catches up (a token bucket that small); one idle longer does not burst.
+                now = loop.time()
+                start = max(now - RATE_SLACK, direction.line_free_at)
+                direction.line_free_at = start + len(data) / relay.rate
+                if (wait := direction.line_free_at - now) > 0:
+                    await asyncio.sleep(wait)
 
     def reset(self) -> None:
         for writer in (self.down_writer, self.up_writer):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import statistics
 import time
 
 import pytest
@@ -86,3 +87,49 @@ async def test_windows_grow_on_a_long_path_and_the_budget_comes_back(
         assert tuner.budget_left == defaults.stream_window_budget  # every stream gave it back
         assert 0.035 < tuner.min_round_trip < 0.2
     assert defaults.max_stream_window == 32 * MiB  # what the growth above was capped at
+
+
+@pytest.mark.timeout(120)
+async def test_a_window_that_overshoots_a_bottleneck_shrinks_and_the_budget_comes_back(
+    pki: PkiPaths,
+) -> None:
+    # 50 MB/s behind a 4 MiB router queue, 40 ms round trip: the bandwidth-delay product is
+    # 2 MB, so the doubling from 2 to 4 MiB queues about 2 MB (40 ms) until the window shrinks.
+    async with (
+        HttpOrigin() as origin,
+        running_server(pki) as server,
+        FaultRelay(server.port, latency=ONE_WAY, rate=50e6, queue_limit=4 * MiB) as relay,
+        running_agent(pki, relay.port) as agent,
+    ):
+        assert await agent.tunnel.wait_connected(10)
+        download = asyncio.ensure_future(
+            fetch(agent.proxy_port, origin.url(f"/bytes/{SIZE}"), timeout=90)
+        )
+        round_trips = []
+        while not download.done():  # a page opened meanwhile, on the same link
+            started = time.monotonic()
+            small = await fetch(agent.proxy_port, origin.url("/bytes/100"), timeout=30)
+            assert small.ok and small.received == 100, small
+            round_trips.append((time.monotonic() - started) * 1000)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # the streams' last frames (END, WINDOW) cross the link
+        (agent_link,) = agent.tunnel.links
+        tuner = agent_link.session.window_tuner
+        assert agent.clients.status is not None
+        status = agent.clients.status.snapshot()["link"]
+        assert relay.accepted == 1
+
+    result = download.result()
+    assert result.ok and result.sha256 == pattern_sha256(SIZE), result
+    assert tuner is not None
+    assert tuner.windows_grown >= 1 and tuner.windows_shrunk >= 1
+    assert status["windows_shrunk"] == tuner.windows_shrunk
+    assert tuner.budget_left == TunnelConfig().stream_window_budget  # all given back
+    third = max(1, len(round_trips) // 3)
+    print(
+        f"\n50 MB/s, 40 ms: {SIZE / MiB:.0f} MiB down; windows grown {tuner.windows_grown}, "
+        f"shrunk {tuner.windows_shrunk}; a small GET beside it took "
+        f"{statistics.median(round_trips[:third]):.0f} ms (first third, median), "
+        f"{statistics.median(round_trips[-third:]):.0f} ms (last third), "
+        f"{len(round_trips)} GETs"
+    )

@@ -105,10 +105,70 @@ def test_tuner_does_not_grow_when_the_rate_did_not_rise() -> None:
     clock.now += 0.010
     second = tuner.on_data(1, 600 * KIB, received=BIG)
     assert second is not None
-    tuner.on_data(1, 2 * MIB, received=BIG)  # a whole (doubled) window, but in twice the time
-    clock.now += 0.020
+    # 1.4 MiB of the doubled window in 14 ms (a round trip still within the queue tolerance).
+    tuner.on_data(1, 1400 * KIB, received=BIG)
+    clock.now += 0.014
     assert tuner.on_pong(second) == []  # still 100 MiB/s: the path is the limit
     assert tuner.window(1) == 2 * MIB
+
+
+def _grown_then_queued(clock: FakeClock, tuner: WindowTuner) -> list[tuple[int, int]] | None:
+    """Grow stream 1 to 2 MiB at 100 MiB/s over 10 ms, then run a round in which the doubled
+    window moved in twice the round trip: a queue of 1 MiB in front of a 100 MiB/s path."""
+    first = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert first is not None
+    tuner.on_data(1, MIB, received=BIG)
+    clock.now += 0.010
+    assert tuner.on_pong(first) == [(1, MIB)]
+    clock.now += 0.010
+    second = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert second is not None
+    tuner.on_data(1, 2 * MIB, received=BIG)
+    clock.now += 0.020
+    return tuner.on_pong(second)
+
+
+def test_a_grown_window_that_keeps_a_queue_shrinks_to_its_share_of_the_path() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
+    # 100 MiB/s x the shortest round trip (10 ms) = 1 MiB; with the headroom, 1.5 MiB.
+    assert _grown_then_queued(clock, tuner) == [(1, -512 * KIB)]
+    assert tuner.window(1) == 1536 * KIB and tuner.windows_shrunk == 1
+    # The peer may still send the withheld credit: the budget comes back as it is withheld.
+    assert tuner.budget_left == 63 * MIB
+    tuner.withheld(1, 200 * KIB)
+    assert tuner.budget_left == 63 * MIB + 200 * KIB
+    tuner.withheld(1, 312 * KIB)
+    assert tuner.budget_left == 63 * MIB + 512 * KIB
+    tuner.forget(1)
+    assert tuner.budget_left == 64 * MIB
+
+
+def test_a_stream_forgotten_while_credit_is_withheld_returns_all_of_it() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
+    assert _grown_then_queued(clock, tuner) == [(1, -512 * KIB)]
+    tuner.withheld(1, 100 * KIB)
+    tuner.forget(1)
+    assert tuner.budget_left == 64 * MIB
+
+
+def test_a_shrink_never_goes_below_the_initial_window_nor_touches_ungrown_streams() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
+    first = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert first is not None
+    tuner.on_data(1, MIB, received=BIG)
+    clock.now += 0.010
+    assert tuner.on_pong(first) == [(1, MIB)]
+    clock.now += 0.010
+    second = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert second is not None
+    tuner.on_data(1, 64 * KIB, received=BIG)  # stream 1 now barely moves (its reader is slow)
+    tuner.on_data(3, 900 * KIB, received=BIG)  # stream 3, at its initial window, moves more
+    clock.now += 0.100  # ten times the shortest round trip: a queue, someone else's
+    assert tuner.on_pong(second) == [(1, -MIB)]
+    assert tuner.window(1) == MIB and tuner.window(3) == MIB
 
 
 def test_tuner_waits_quiet_round_trips_after_a_round_that_grew_nothing() -> None:
@@ -142,10 +202,13 @@ def test_tuner_caps_growth_at_max_window_and_at_the_budget() -> None:
     assert run_round(tuner, clock, 1, MIB, 0.010) == [(1, MIB)]
     assert run_round(tuner, clock, 1, 2 * MIB, 0.010) == [(1, MIB)]  # 3 MiB (max), not 4
     assert tuner.window(1) == 3 * MIB
-    assert tuner.on_data(1, 600 * KIB, received=BIG) is None  # at max_window: no probe
+    # At max_window a grown window is still watched (it might keep a queue), never grown.
+    assert run_round(tuner, clock, 1, 3 * MIB, 0.010) == []
+    assert tuner.window(1) == 3 * MIB
     assert run_round(tuner, clock, 2, MIB, 0.010) == [(2, MIB)]  # the budget's last MiB
     assert tuner.budget_left == 0
-    assert tuner.on_data(2, 600 * KIB, received=BIG) is None  # nothing left to grant: no probe
+    # Nothing left to grant, and an initial window cannot shrink: no probe for stream 3.
+    assert tuner.on_data(3, 600 * KIB, received=BIG) is None
     tuner.forget(1)
     assert tuner.budget_left == 2 * MIB
     assert tuner.window(1) == MIB
@@ -370,6 +433,10 @@ class Path:
         self._seq += 1
         heapq.heappush(queue, (at, self._seq, data))
 
+    def queue_delay(self) -> float:
+        """Seconds a byte handed to the path towards the agent now waits before it is sent."""
+        return max(0.0, self._free_at - self.clock.now)
+
     def due(self, queue: list[tuple[float, int, bytes]]) -> list[bytes]:
         out = []
         while queue and queue[0][0] <= self.clock.now:
@@ -381,6 +448,7 @@ class Path:
 class Download:
     agent: Session
     received: list[tuple[float, int]]  # (time, bytes) per DATA frame
+    queue_delays: list[float]  # seconds queued in front of the bandwidth, once per tick
 
     def rate(self, since: float, until: float) -> float:
         moved = sum(n for t, n in self.received if since <= t < until)
@@ -406,6 +474,7 @@ def simulate(
     start = clock.now
     stream_id = 0
     received: list[tuple[float, int]] = []
+    queue_delays: list[float] = []
     chunk = bytes(256 * KIB)
     for _ in range(int(seconds / tick)):
         clock.now += tick
@@ -427,7 +496,8 @@ def simulate(
             path.send_to_agent(server.data_to_send(64 * KIB))
         if agent.has_data_to_send():
             path.send_to_server(agent.data_to_send())
-    return Download(agent, received)
+        queue_delays.append(path.queue_delay())
+    return Download(agent, received, queue_delays)
 
 
 def test_window_grows_on_a_long_path_to_near_its_bandwidth_and_stops() -> None:
@@ -479,3 +549,22 @@ def test_window_growth_stops_at_max_window_on_a_very_long_path() -> None:
     assert tuner.window(1) == MIB
     # 1 MiB per 100 ms round trip is the cap: about 10.5 MB/s.
     assert 9.5e6 < download.rate(2.0, 3.0) < 11e6
+
+
+@pytest.mark.parametrize("bandwidth", [200e6, 50e6, 20e6])
+def test_the_queue_a_growth_step_leaves_is_taken_away_again(bandwidth: float) -> None:
+    settings = SessionSettings(initial_window=256 * KIB, max_window=16 * MIB)
+    download = simulate(settings, bandwidth=bandwidth, seconds=3.0)
+    tuner = download.agent.window_tuner
+    assert tuner is not None
+    assert tuner.windows_grown >= 2 and tuner.windows_shrunk >= 1
+    third = len(download.queue_delays) // 3
+    overshoot = max(download.queue_delays[:third])
+    standing = max(download.queue_delays[2 * third :])
+    # The step past the path's bandwidth-delay product queued a round trip's worth (20 ms);
+    # after the shrink at most about half a round trip stays, and the path stays full.
+    assert overshoot > 0.015
+    assert standing <= 0.012
+    assert download.rate(2.0, 3.0) >= 0.95 * bandwidth
+    bdp = bandwidth * 0.020
+    assert tuner.window(1) <= 1.6 * bdp

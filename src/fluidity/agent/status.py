@@ -153,9 +153,11 @@ class AgentStatus:
                 "server_name": tunnel.server_name,
                 "links_up": sum(1 for link in tunnel.links if link.usable),
                 "rtt_ms": round(min(rtts), 2) if rtts else None,
-                # Downloads held back by their window on a long path: how often and how much
-                # their windows grew (see docs/protocol.md, section 6).
+                # Downloads held back by their window on a long path: how often their windows
+                # grew, how often they shrank off a queue, and how much they hold now beyond
+                # stream_window (see docs/protocol.md, section 6).
                 "windows_grown": sum(t.windows_grown for t in tuners),
+                "windows_shrunk": sum(t.windows_shrunk for t in tuners),
                 "window_growth_bytes": sum(t.grown_bytes for t in tuners),
                 "last_error": tunnel.last_error or None,
                 "via": self.upstream,
@@ -299,9 +301,9 @@ def render_html(snapshot: dict[str, Any]) -> str:
         ("Route", link["via"]),
         ("Round trip", f"{link['rtt_ms']} ms" if link["rtt_ms"] is not None else "-"),
         (
-            "Stream windows grown",
-            f"{link['windows_grown']} (now {link['window_growth_bytes']} bytes beyond "
-            "stream_window)",
+            "Stream windows grown / shrunk",
+            f"{link['windows_grown']} / {link['windows_shrunk']} (now "
+            f"{link['window_growth_bytes']} bytes beyond stream_window)",
         ),
         ("Last link error", link["last_error"] or "-"),
         ("Lifecycle", snapshot["lifecycle"] or "-"),

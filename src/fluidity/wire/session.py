@@ -157,6 +157,7 @@ class _Stream:
         "remote_ended",
         "send_credit",
         "unacked",
+        "withheld",
     )
 
     def __init__(self, stream_id: int, send_credit: int, recv_window: int, opened: bool) -> None:
@@ -164,6 +165,7 @@ class _Stream:
         self.send_credit = send_credit
         self.recv_remaining = recv_window  # bytes the peer may still send
         self.unacked = 0  # bytes consumed by the application, not yet returned as credit
+        self.withheld = 0  # bytes of credit not to return: the window shrank by that much
         self.received = 0  # DATA bytes in all (counted only while windows are tuned)
         self.pending: deque[bytes | memoryview] | None = None
         self.pending_bytes = 0
@@ -353,6 +355,12 @@ class Session:
         if stream is None or stream.remote_ended:
             return False
         unacked = stream.unacked + n
+        if stream.withheld:  # the window shrank: keep this much of the credit back
+            kept = min(stream.withheld, unacked)
+            stream.withheld -= kept
+            unacked -= kept
+            if self.window_tuner is not None:
+                self.window_tuner.withheld(stream_id, kept)
         if unacked >= self._window_threshold:
             stream.recv_remaining += unacked
             stream.unacked = 0
@@ -576,11 +584,11 @@ class Session:
                 raise ProtocolError("malformed PING")
             if flags & frames.FLAG_ACK:
                 answer = bytes(payload)
-                grants = self.window_tuner.on_pong(answer) if self.window_tuner else None
-                if grants is None:
+                changes = self.window_tuner.on_pong(answer) if self.window_tuner else None
+                if changes is None:
                     events.append(PongReceived(answer))
                 else:
-                    self._grow_windows(grants)
+                    self._resize_windows(changes)
             else:
                 self._queue(FrameType.PING, frames.FLAG_ACK, 0, bytes(payload))
         elif frame_type == FrameType.GOAWAY:
@@ -651,14 +659,17 @@ class Session:
     def _queue(self, frame_type: int, flags: int, stream_id: int, payload: bytes) -> None:
         self._control.append(_pack_header(len(payload), frame_type, flags, stream_id) + payload)
 
-    def _grow_windows(self, grants: list[tuple[int, int]]) -> None:
-        """Give the peer the extra credit of windows the tuner grew."""
-        for stream_id, increment in grants:
+    def _resize_windows(self, changes: list[tuple[int, int]]) -> None:
+        """Give the peer the extra credit of windows the tuner grew; withhold what it shrank."""
+        for stream_id, change in changes:
             stream = self._streams.get(stream_id)
             if stream is None or stream.remote_ended:
                 continue  # the tuner has been told (forget); its budget is back
-            stream.recv_remaining += increment
-            self._queue(FrameType.WINDOW, 0, stream_id, frames.window_payload(increment))
+            if change < 0:
+                stream.withheld -= change
+                continue
+            stream.recv_remaining += change
+            self._queue(FrameType.WINDOW, 0, stream_id, frames.window_payload(change))
 
     def _mark_ready(self, stream: _Stream) -> None:
         if not stream.in_ready:

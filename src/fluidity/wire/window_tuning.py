@@ -21,15 +21,29 @@ BDP estimator and Linux's receive-buffer auto-tuning do:
 
 The last two tests stop growth where the path, not the window, is the limit. Past that point a
 larger window only fills the queue in front of the narrowest hop: the round trip grows and the
-rate stays flat. The shortest round trip comes from a probe sent with the session's HELLO, on
-an idle link, and from every probe after it. A round that grows nothing makes the next probe wait
+rate stays flat.
+
+4. The step that found the limit overshoots it (by up to the window it doubled), and that queue
+   would stay for the rest of the download: every other stream of the link, a page the user
+   opens meanwhile, waits behind it (a standing queue of a round trip or more). So a probe
+   round that shows a queue also *shrinks* each grown window that moved bytes in it, to
+   :data:`SHRINK_HEADROOM` times the stream's share of the bandwidth-delay product (the bytes it
+   moved per round trip at that rate, times the shortest round trip), never below
+   ``initial_window``. Credit already given cannot be taken back; the receiver withholds that
+   much of the credit it would return as the application reads, so the peer's window closes
+   down to the new size within a round trip. A shrunk stream's best rate restarts at the rate it
+   showed, so if the queue was someone else's and goes, its window can grow again.
+
+The shortest round trip comes from a probe sent with the session's HELLO, on an idle link, and
+from every probe after it. A round that grows nothing makes the next probe wait
 :data:`QUIET_ROUND_TRIPS` round trips, so a stream that is as fast as it can be costs a PING every
 few round trips, not every one. On loopback the event loops' turns, not the path, set the round
 trip under load, so windows there stay as they are (they are not what limits a stream there).
 
-Windows never shrink while a stream lives; what a stream grew returns to the budget once the
-stream can receive nothing more (its peer ended it, or it was reset or closed). Worst-case
-receive memory of a link is therefore ``streams * initial_window + growth_budget``.
+What a stream grew returns to the budget as the credit its shrinking withholds is withheld
+(:meth:`WindowTuner.withheld`), and once the stream can receive nothing more (its peer ended
+it, or it was reset or closed). Worst-case receive memory of a link is therefore
+``streams * initial_window + growth_budget``.
 """
 
 from __future__ import annotations
@@ -53,7 +67,11 @@ beyond, bytes are queueing on the path and a larger window would only lengthen t
 QUIET_ROUND_TRIPS = 8
 """Round trips the next probe waits after a round in which no window grew."""
 SETTLE_ROUND_TRIPS = 1
-"""Round trips the next probe waits after a round that grew a window."""
+"""Round trips the next probe waits after a round that grew or shrank a window."""
+SHRINK_HEADROOM = 1.5
+"""A window found keeping a queue shrinks to this many times its stream's bandwidth-delay
+product: what stays queued is then at most half a round trip's worth, and the slack covers the
+credit a receiver holds back until it returns a batch and the bytes waiting to be read."""
 
 
 class WindowTuner:
@@ -78,11 +96,13 @@ class WindowTuner:
         "_round",
         "_sent_at",
         "_windows",
+        "_withholding",
         "growth_budget",
         "initial_window",
         "max_window",
         "probes_sent",
         "windows_grown",
+        "windows_shrunk",
     )
 
     def __init__(
@@ -102,6 +122,7 @@ class WindowTuner:
         self._budget_left = growth_budget
         self._clock = clock
         self._windows: dict[int, int] = {}  # only streams that grew
+        self._withholding: dict[int, int] = {}  # credit a shrink withholds, not yet withheld
         self._best_rate: dict[int, float] = {}  # bytes/s, streams seen in a probe round
         self._moved: dict[int, int] = {}  # bytes per stream in the round in flight
         self._round = 0
@@ -112,6 +133,7 @@ class WindowTuner:
         #: Running totals, for metrics and tests.
         self.probes_sent = 0
         self.windows_grown = 0
+        self.windows_shrunk = 0
 
     @property
     def budget_left(self) -> int:
@@ -154,23 +176,23 @@ class WindowTuner:
             moved[stream_id] = moved.get(stream_id, 0) + nbytes
             return None
         window = self._windows.get(stream_id, self.initial_window)
-        if (
-            nbytes < PROBE_FRAME_BYTES
-            or received <= window
-            or window >= self.max_window
-            or self._budget_left <= 0
-        ):
+        if nbytes < PROBE_FRAME_BYTES or received <= window:
             return None
+        if stream_id not in self._windows and self._budget_left <= 0:
+            return None  # an initial window that cannot grow and cannot shrink
+
         now = self._clock()
         if now < self._quiet_until:
             return None
         return self._start_round(now)  # this frame came before the probe: it does not count
 
     def on_pong(self, payload: bytes) -> list[tuple[int, int]] | None:
-        """A PING answer arrived; return the window increments it earns, as (stream id, bytes).
+        """A PING answer arrived; return the window changes it earns, as (stream id, bytes).
 
-        Returns None if ``payload`` is not a probe's (a keepalive's answer, for the caller to
-        surface), and an empty list for a probe that earns nothing or is stale.
+        A positive change is extra credit to grant at once; a negative one is credit to withhold
+        from what the stream returns next (its window shrank). Returns None if ``payload`` is
+        not a probe's (a keepalive's answer, for the caller to surface), and an empty list for
+        a probe that changes nothing or is stale.
         """
         if payload[:4] != PROBE_MAGIC or len(payload) != 8:
             return None
@@ -185,7 +207,17 @@ class WindowTuner:
         if self._baseline_pending:
             self._baseline_pending = False
             return []
-        queued = round_trip > QUEUE_TOLERANCE * self._min_round_trip
+        if round_trip > QUEUE_TOLERANCE * self._min_round_trip:
+            changes = self._shrink(moved, round_trip)
+        else:
+            changes = self._grow(moved, round_trip)
+        # After a change, wait out the round trip in which it reaches the sender and its bytes
+        # come back, so that the next round measures the new window.
+        quiet = SETTLE_ROUND_TRIPS if changes else QUIET_ROUND_TRIPS
+        self._quiet_until = now + quiet * round_trip
+        return changes
+
+    def _grow(self, moved: dict[int, int], round_trip: float) -> list[tuple[int, int]]:
         grants: list[tuple[int, int]] = []
         for stream_id, nbytes in moved.items():
             rate = nbytes / round_trip
@@ -194,7 +226,7 @@ class WindowTuner:
                 continue
             self._best_rate[stream_id] = rate
             window = self._windows.get(stream_id, self.initial_window)
-            if queued or nbytes * 3 < window * 2 or rate < best * GROWTH_MARGIN:
+            if nbytes * 3 < window * 2 or rate < best * GROWTH_MARGIN:
                 continue
             increment = min(window, self.max_window - window, self._budget_left)
             if increment <= 0:
@@ -203,16 +235,45 @@ class WindowTuner:
             self._budget_left -= increment
             self.windows_grown += 1
             grants.append((stream_id, increment))
-        # After a grant, wait out the round trip in which the extra credit reaches the sender
-        # and its bytes come back, so that the next round measures the grown window.
-        quiet = SETTLE_ROUND_TRIPS if grants else QUIET_ROUND_TRIPS
-        self._quiet_until = now + quiet * round_trip
         return grants
+
+    def _shrink(self, moved: dict[int, int], round_trip: float) -> list[tuple[int, int]]:
+        cuts: list[tuple[int, int]] = []
+        for stream_id, nbytes in moved.items():
+            window = self._windows.get(stream_id)
+            if window is None:
+                continue  # at its initial window: the queue is not one it grew
+            rate = nbytes / round_trip
+            target = max(self.initial_window, int(rate * self._min_round_trip * SHRINK_HEADROOM))
+            if target >= window:
+                continue
+            if target == self.initial_window:
+                del self._windows[stream_id]
+            else:
+                self._windows[stream_id] = target
+            # The budget comes back as the credit is withheld (withheld()): until then the
+            # peer may still send that much.
+            self._withholding[stream_id] = self._withholding.get(stream_id, 0) + window - target
+            self._best_rate[stream_id] = rate
+            self.windows_shrunk += 1
+            cuts.append((stream_id, target - window))
+        return cuts
+
+    def withheld(self, stream_id: int, nbytes: int) -> None:
+        """``nbytes`` of credit a shrink of ``stream_id`` asked for were withheld: the peer can
+        no longer send them, so they return to the budget."""
+        left = self._withholding.get(stream_id, 0) - nbytes
+        if left > 0:
+            self._withholding[stream_id] = left
+        else:
+            self._withholding.pop(stream_id, None)
+        self._budget_left += nbytes
 
     def forget(self, stream_id: int) -> None:
         """``stream_id`` receives nothing more: return what it grew to the budget."""
         grown = self._windows.pop(stream_id, None)
         if grown is not None:
             self._budget_left += grown - self.initial_window
+        self._budget_left += self._withholding.pop(stream_id, 0)
         self._best_rate.pop(stream_id, None)
         self._moved.pop(stream_id, None)
