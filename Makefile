@@ -68,9 +68,11 @@ bench-deps:
 bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench
 
-## bench-longpath: one download per chain over a 40 ms relay (window growth vs fixed; ~3 min)
+## bench-longpath: one download per chain over a 40 ms relay (window growth vs fixed; ~3 min);
+## LONGPATH_ARGS="--rate 50 --size 64" adds a 50 MB/s bottleneck (the queue a download keeps)
+LONGPATH_ARGS ?=
 bench-longpath: $(STAMP) bench-deps
-	$(BIN)/python -m bench.longpath
+	$(BIN)/python -m bench.longpath $(LONGPATH_ARGS)
 
 ## bench-smoke: every benchmark chain moves bytes correctly (seconds; no timing asserted)
 bench-smoke: $(STAMP) bench-deps

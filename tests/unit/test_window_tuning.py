@@ -168,11 +168,30 @@ def test_a_shrink_never_goes_below_the_initial_window_nor_touches_ungrown_stream
     clock.now += 0.010
     second = tuner.on_data(1, 600 * KIB, received=BIG)
     assert second is not None
-    tuner.on_data(1, 64 * KIB, received=BIG)  # stream 1 now barely moves (its reader is slow)
-    tuner.on_data(3, 900 * KIB, received=BIG)  # stream 3, at its initial window, moves more
-    clock.now += 0.100  # ten times the shortest round trip: a queue, someone else's
+    tuner.on_data(1, 1200 * KIB, received=BIG)  # stream 1 keeps more than half its window busy
+    tuner.on_data(3, 900 * KIB, received=BIG)  # stream 3, at its initial window, as much
+    clock.now += 0.100  # ten times the shortest round trip: a long queue
+    # 12 MiB/s x 10 ms x the headroom is far below 1 MiB: stream 1 goes back to 1 MiB, no less.
     assert tuner.on_pong(second) == [(1, -MIB)]
     assert tuner.window(1) == MIB and tuner.window(3) == MIB
+
+
+def test_a_window_is_not_cut_while_its_stream_idles_or_while_an_earlier_cut_is_withheld() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock, credit_batch=256 * KIB)
+    for moved in (MIB, 2 * MIB, 4 * MIB):  # 1 -> 2 -> 4 -> 8 MiB at 10 ms round trips
+        assert run_round(tuner, clock, 1, moved, 0.010) == [(1, moved)]
+    assert tuner.window(1) == 8 * MIB
+    # Under half its window moved in a queued round: the stream is not what fills the queue.
+    assert run_round(tuner, clock, 1, 3 * MIB, 0.040) == []
+    # Over half: cut to 1.25 x (6 MiB / 40 ms x 10 ms) plus the credit held between WINDOWs.
+    cut = run_round(tuner, clock, 1, 6 * MIB, 0.040)
+    target = int(6 * MIB / 0.040 * 0.010 * SHRINK_HEADROOM) + 256 * KIB
+    assert cut == [(1, target - 8 * MIB)] and tuner.window(1) == target
+    # The sender has not felt the cut yet (nothing withheld): a slow round cuts no deeper.
+    assert run_round(tuner, clock, 1, target, 0.040) == []
+    tuner.withheld(1, 8 * MIB - target)
+    assert run_round(tuner, clock, 1, target, 0.040) != []  # now it may be cut again
 
 
 def test_tuner_waits_quiet_round_trips_after_a_round_that_grew_nothing() -> None:

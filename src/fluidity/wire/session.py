@@ -193,10 +193,16 @@ class Session:
         self.role = role
         self.settings = settings or SessionSettings()
         s = self.settings
+        # Credit goes back in batches of a quarter of the initial window (see consumed()).
+        self._window_threshold = max(1, s.initial_window // 4)
         self.window_tuner: WindowTuner | None = None
         if clock is not None and s.tunes_windows:
             self.window_tuner = WindowTuner(
-                s.initial_window, s.max_window, s.window_growth_budget, clock
+                s.initial_window,
+                s.max_window,
+                s.window_growth_budget,
+                clock,
+                credit_batch=self._window_threshold,
             )
         self._reader = frames.FrameReader(self.settings.max_frame_size)
         self._buffered_reader = BufferedFrameReader(self.settings.max_frame_size)
@@ -206,7 +212,6 @@ class Session:
         self._drained: list[int] = []
         self._next_stream_id = 1
         self._last_peer_stream = 0
-        self._window_threshold = max(1, self.settings.initial_window // 4)
         # The agent may send right after OPEN (saves a round trip for plain HTTP); the server
         # sends nothing on a stream before it has accepted it.
         self._sends_before_open = role is Role.AGENT

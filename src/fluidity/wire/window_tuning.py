@@ -26,13 +26,16 @@ rate stays flat.
 4. The step that found the limit overshoots it (by up to the window it doubled), and that queue
    would stay for the rest of the download: every other stream of the link, a page the user
    opens meanwhile, waits behind it (a standing queue of a round trip or more). So a probe
-   round that shows a queue also *shrinks* each grown window that moved bytes in it, to
-   :data:`SHRINK_HEADROOM` times the stream's share of the bandwidth-delay product (the bytes it
-   moved per round trip at that rate, times the shortest round trip), never below
-   ``initial_window``. Credit already given cannot be taken back; the receiver withholds that
-   much of the credit it would return as the application reads, so the peer's window closes
-   down to the new size within a round trip. A shrunk stream's best rate restarts at the rate it
-   showed, so if the queue was someone else's and goes, its window can grow again.
+   round that shows a queue also *shrinks* each grown window that moved at least half of
+   itself in it, to :data:`SHRINK_HEADROOM` times the stream's share of the bandwidth-delay
+   product (its rate in the round times the shortest round trip) plus the credit the receiver
+   holds back between WINDOW frames, never below ``initial_window``. Credit already given cannot
+   be taken back; the receiver withholds that much of the credit it would return as the
+   application reads, so the peer's window closes down to the new size within a round trip.
+   Until all of it is withheld the stream is not cut again: the withholding itself slows the
+   sender, and a rate measured meanwhile would cut deeper each round (a spiral down to
+   ``initial_window``). A shrunk stream's best rate restarts at the rate it showed, so if the
+   queue was someone else's and goes, its window can grow again.
 
 The shortest round trip comes from a probe sent with the session's HELLO, on an idle link, and
 from every probe after it. A round that grows nothing makes the next probe wait
@@ -86,6 +89,9 @@ class WindowTuner:
         ``initial_window`` (0 = no growth at all).
     clock: seconds from any fixed origin, monotonic (``time.monotonic``); read when a probe
         leaves and when its answer arrives, and by a stream waiting for a quiet period to end.
+    credit_batch: bytes of consumed credit the receiver may hold before it returns them (the
+        session's WINDOW batching): a window that shrinks keeps that much on top, since the
+        sender cannot use it.
     """
 
     __slots__ = (
@@ -100,6 +106,7 @@ class WindowTuner:
         "_sent_at",
         "_windows",
         "_withholding",
+        "credit_batch",
         "growth_budget",
         "initial_window",
         "max_window",
@@ -114,6 +121,8 @@ class WindowTuner:
         max_window: int,
         growth_budget: int,
         clock: Callable[[], float],
+        *,
+        credit_batch: int = 0,
     ) -> None:
         if max_window <= initial_window:
             raise ValueError("max_window must be above initial_window for windows to grow")
@@ -122,6 +131,7 @@ class WindowTuner:
         self.initial_window = initial_window
         self.max_window = max_window
         self.growth_budget = growth_budget
+        self.credit_batch = credit_batch
         self._budget_left = growth_budget
         self._clock = clock
         self._windows: dict[int, int] = {}  # only streams that grew
@@ -246,8 +256,13 @@ class WindowTuner:
             window = self._windows.get(stream_id)
             if window is None:
                 continue  # at its initial window: the queue is not one it grew
+            if stream_id in self._withholding or nbytes * 2 < window:
+                # Still withholding an earlier cut (which starves the sender for a while, so
+                # its rate says nothing), or not feeding the queue: cutting again would spiral.
+                continue
             rate = nbytes / round_trip
-            target = max(self.initial_window, int(rate * self._min_round_trip * SHRINK_HEADROOM))
+            share = int(rate * self._min_round_trip * SHRINK_HEADROOM) + self.credit_batch
+            target = max(self.initial_window, share)
             if target >= window:
                 continue
             if target == self.initial_window:
@@ -256,7 +271,7 @@ class WindowTuner:
                 self._windows[stream_id] = target
             # The budget comes back as the credit is withheld (withheld()): until then the
             # peer may still send that much.
-            self._withholding[stream_id] = self._withholding.get(stream_id, 0) + window - target
+            self._withholding[stream_id] = window - target
             self._best_rate[stream_id] = rate
             self.windows_shrunk += 1
             cuts.append((stream_id, target - window))
