@@ -112,9 +112,8 @@ def test_tuner_does_not_grow_when_the_rate_did_not_rise() -> None:
     assert tuner.window(1) == 2 * MIB
 
 
-def _grown_then_queued(clock: FakeClock, tuner: WindowTuner) -> list[tuple[int, int]] | None:
-    """Grow stream 1 to 2 MiB at 100 MiB/s over 10 ms, then run a round in which the doubled
-    window moved in twice the round trip: a queue of 1 MiB in front of a 100 MiB/s path."""
+def _grown_then_probing(clock: FakeClock, tuner: WindowTuner) -> bytes:
+    """Grow stream 1 to 2 MiB at 100 MiB/s over 10 ms; return the next round's probe."""
     first = tuner.on_data(1, 600 * KIB, received=BIG)
     assert first is not None
     tuner.on_data(1, MIB, received=BIG)
@@ -123,6 +122,13 @@ def _grown_then_queued(clock: FakeClock, tuner: WindowTuner) -> list[tuple[int, 
     clock.now += 0.010
     second = tuner.on_data(1, 600 * KIB, received=BIG)
     assert second is not None
+    return second
+
+
+def _grown_then_queued(clock: FakeClock, tuner: WindowTuner) -> list[tuple[int, int]] | None:
+    """:func:`_grown_then_probing`, then a round in which the doubled window moved in twice the
+    round trip: a queue of 1 MiB in front of a 100 MiB/s path."""
+    second = _grown_then_probing(clock, tuner)
     tuner.on_data(1, 2 * MIB, received=BIG)
     clock.now += 0.020
     return tuner.on_pong(second)
@@ -160,14 +166,7 @@ def test_a_stream_forgotten_while_credit_is_withheld_returns_all_of_it() -> None
 def test_a_shrink_never_goes_below_the_initial_window_nor_touches_ungrown_streams() -> None:
     clock = FakeClock()
     tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
-    first = tuner.on_data(1, 600 * KIB, received=BIG)
-    assert first is not None
-    tuner.on_data(1, MIB, received=BIG)
-    clock.now += 0.010
-    assert tuner.on_pong(first) == [(1, MIB)]
-    clock.now += 0.010
-    second = tuner.on_data(1, 600 * KIB, received=BIG)
-    assert second is not None
+    second = _grown_then_probing(clock, tuner)
     tuner.on_data(1, 1200 * KIB, received=BIG)  # stream 1 keeps more than half its window busy
     tuner.on_data(3, 900 * KIB, received=BIG)  # stream 3, at its initial window, as much
     clock.now += 0.100  # ten times the shortest round trip: a long queue
