@@ -161,6 +161,8 @@ def test_a_stream_forgotten_while_credit_is_withheld_returns_all_of_it() -> None
     tuner.withheld(1, 100 * KIB)
     tuner.forget(1)
     assert tuner.budget_left == 64 * MIB
+    tuner.withheld(1, 100 * KIB)  # late: the stream was forgotten, nothing more is owed
+    assert tuner.budget_left == 64 * MIB
 
 
 def test_a_shrink_never_goes_below_the_initial_window_nor_touches_ungrown_streams() -> None:

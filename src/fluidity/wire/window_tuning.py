@@ -280,12 +280,13 @@ class WindowTuner:
     def withheld(self, stream_id: int, nbytes: int) -> None:
         """``nbytes`` of credit a shrink of ``stream_id`` asked for were withheld: the peer can
         no longer send them, so they return to the budget."""
-        left = self._withholding.get(stream_id, 0) - nbytes
-        if left > 0:
-            self._withholding[stream_id] = left
+        owed = self._withholding.get(stream_id, 0)
+        back = min(owed, nbytes)  # never more than a cut asked for (a stream forgotten meanwhile)
+        if owed > back:
+            self._withholding[stream_id] = owed - back
         else:
             self._withholding.pop(stream_id, None)
-        self._budget_left += nbytes
+        self._budget_left += back
 
     def forget(self, stream_id: int) -> None:
         """``stream_id`` receives nothing more: return what it grew to the budget."""
