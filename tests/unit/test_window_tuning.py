@@ -17,7 +17,12 @@ from fluidity.wire import frames
 from fluidity.wire.events import DataReceived, LinkReady, PongReceived, StreamEnded
 from fluidity.wire.frames import FrameReader, FrameType
 from fluidity.wire.session import Role, Session, SessionSettings
-from fluidity.wire.window_tuning import PROBE_MAGIC, SHRINK_HEADROOM, WindowTuner
+from fluidity.wire.window_tuning import (
+    PROBE_MAGIC,
+    SHRINK_HEADROOM,
+    SMALLEST_WINDOW,
+    WindowTuner,
+)
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -38,6 +43,18 @@ def probe_pings(data: bytes) -> list[bytes]:
         for t, f, _s, p in FrameReader().feed(data)
         if t == FrameType.PING and not f & frames.FLAG_ACK and bytes(p[:4]) == PROBE_MAGIC
     ]
+
+
+FRAME = 64 * KIB
+"""Bytes per DATA frame the tuner tests feed a round in: the tuner allows for the time its
+largest frame takes to cross the path."""
+
+
+def arrive(tuner: WindowTuner, stream_id: int, nbytes: int) -> None:
+    """``nbytes`` of DATA arrive on ``stream_id`` in frames of :data:`FRAME` bytes."""
+    while nbytes > 0:
+        assert tuner.on_data(stream_id, min(FRAME, nbytes), received=BIG) is None
+        nbytes -= FRAME
 
 
 def window_increments(data: bytes, stream_id: int) -> list[int]:
@@ -75,7 +92,7 @@ def test_tuner_doubles_a_window_limited_stream_and_grants_the_difference() -> No
     tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
     probe = tuner.on_data(1, 600 * KIB, received=BIG)
     assert probe is not None
-    tuner.on_data(1, MIB, received=BIG)  # a whole window moved in the round trip
+    arrive(tuner, 1, MIB)  # a whole window moved in the round trip
     clock.now += 0.050
     assert tuner.on_pong(probe) == [(1, MIB)]
     assert tuner.window(1) == 2 * MIB
@@ -87,7 +104,7 @@ def test_tuner_does_not_grow_when_the_stream_moved_well_under_its_window() -> No
     tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
     probe = tuner.on_data(1, 600 * KIB, received=BIG)
     assert probe is not None
-    tuner.on_data(1, 300 * KIB, received=BIG)  # under 2/3 of the window per round trip
+    arrive(tuner, 1, 300 * KIB)  # under 2/3 of the window per round trip
     clock.now += 0.050
     assert tuner.on_pong(probe) == []
     assert tuner.window(1) == MIB
@@ -98,7 +115,7 @@ def test_tuner_does_not_grow_when_the_rate_did_not_rise() -> None:
     tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
     first = tuner.on_data(1, 600 * KIB, received=BIG)
     assert first is not None
-    tuner.on_data(1, MIB, received=BIG)
+    arrive(tuner, 1, MIB)
     clock.now += 0.010
     assert tuner.on_pong(first) == [(1, MIB)]  # 100 MiB/s
     assert tuner.on_data(1, 600 * KIB, received=BIG) is None  # the grant has a round trip to act
@@ -106,7 +123,7 @@ def test_tuner_does_not_grow_when_the_rate_did_not_rise() -> None:
     second = tuner.on_data(1, 600 * KIB, received=BIG)
     assert second is not None
     # 1.4 MiB of the doubled window in 14 ms (a round trip still within the queue tolerance).
-    tuner.on_data(1, 1400 * KIB, received=BIG)
+    arrive(tuner, 1, 1400 * KIB)
     clock.now += 0.014
     assert tuner.on_pong(second) == []  # still 100 MiB/s: the path is the limit
     assert tuner.window(1) == 2 * MIB
@@ -116,7 +133,7 @@ def _grown_then_probing(clock: FakeClock, tuner: WindowTuner) -> bytes:
     """Grow stream 1 to 2 MiB at 100 MiB/s over 10 ms; return the next round's probe."""
     first = tuner.on_data(1, 600 * KIB, received=BIG)
     assert first is not None
-    tuner.on_data(1, MIB, received=BIG)
+    arrive(tuner, 1, MIB)
     clock.now += 0.010
     assert tuner.on_pong(first) == [(1, MIB)]
     clock.now += 0.010
@@ -129,7 +146,7 @@ def _grown_then_queued(clock: FakeClock, tuner: WindowTuner) -> list[tuple[int, 
     """:func:`_grown_then_probing`, then a round in which the doubled window moved in twice the
     round trip: a queue of 1 MiB in front of a 100 MiB/s path."""
     second = _grown_then_probing(clock, tuner)
-    tuner.on_data(1, 2 * MIB, received=BIG)
+    arrive(tuner, 1, 2 * MIB)
     clock.now += 0.020
     return tuner.on_pong(second)
 
@@ -165,16 +182,87 @@ def test_a_stream_forgotten_while_credit_is_withheld_returns_all_of_it() -> None
     assert tuner.budget_left == 64 * MIB
 
 
-def test_a_shrink_never_goes_below_the_initial_window_nor_touches_ungrown_streams() -> None:
+def test_on_a_short_path_a_shrink_never_goes_below_the_initial_window() -> None:
     clock = FakeClock()
     tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
-    second = _grown_then_probing(clock, tuner)
-    tuner.on_data(1, 1200 * KIB, received=BIG)  # stream 1 keeps more than half its window busy
-    tuner.on_data(3, 900 * KIB, received=BIG)  # stream 3, at its initial window, as much
-    clock.now += 0.100  # ten times the shortest round trip: a long queue
-    # 12 MiB/s x 10 ms x the headroom is far below 1 MiB: stream 1 goes back to 1 MiB, no less.
-    assert tuner.on_pong(second) == [(1, -MIB)]
+    assert run_round(tuner, clock, 1, MIB, 0.004) == [(1, MIB)]  # grown over a 4 ms path
+    assert not tuner.cuts_below_initial
+    probe = tuner.on_data(1, 600 * KIB, received=BIG)
+    assert probe is not None
+    arrive(tuner, 1, 1200 * KIB)  # stream 1 keeps more than half its window busy
+    arrive(tuner, 3, 900 * KIB)  # stream 3, at its initial window, as much
+    clock.now += 0.040  # ten times the shortest round trip: a long queue
+    # 2 MiB / 40 ms x 4 ms x the headroom is far below 1 MiB: stream 1 goes back to 1 MiB, no
+    # less, and stream 3 keeps its initial window.
+    assert tuner.on_pong(probe) == [(1, -MIB)]
     assert tuner.window(1) == MIB and tuner.window(3) == MIB
+    assert tuner.credit_batch_of(1) == tuner.credit_batch
+
+
+def test_on_a_long_path_an_initial_window_that_keeps_a_queue_is_cut_to_its_share() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 4 * MIB, clock, credit_batch=256 * KIB)
+    baseline = tuner.baseline_probe()
+    clock.now += 0.200  # a 200 ms path
+    assert tuner.on_pong(baseline) == [] and tuner.cuts_below_initial
+    probe = tuner.on_data(1, 64 * KIB, received=BIG)
+    assert probe is not None
+    arrive(tuner, 1, MIB)  # 1 MiB/s: the initial window queues 800 ms in front of the path
+    clock.now += 1.0
+    changes = tuner.on_pong(probe)
+    # 1 MiB/s x (200 ms + one 64 KiB frame's 62.5 ms) x the headroom, plus a quarter on top for
+    # the credit held between WINDOW frames, which is now a quarter of the smaller window.
+    unloaded = 0.200 + FRAME / MIB
+    target = int(MIB * unloaded * SHRINK_HEADROOM * 4 / 3)
+    assert changes == [(1, target - MIB)]
+    assert tuner.window(1) == target < MIB
+    assert tuner.credit_batch_of(1) == target // 4
+    # None of it came from the budget, so none of it goes back there.
+    tuner.withheld(1, MIB - target)
+    clock.now += 10  # past the settling round trip
+    assert tuner.budget_left == 4 * MIB
+    # When the path frees up (the rate doubles at the shortest round trip), it grows back,
+    # to the initial window for free and beyond it from the budget.
+    assert run_round(tuner, clock, 1, MIB // 5, 0.200) == []  # 1 MiB/s, as at the cut
+    assert run_round(tuner, clock, 1, target, 0.200) == [(1, target)]  # 2.2 MiB/s
+    assert tuner.window(1) == 2 * target < MIB and tuner.budget_left == 4 * MIB
+    assert run_round(tuner, clock, 1, 2 * target, 0.200) == [(1, 2 * target)]
+    assert tuner.window(1) == 4 * target and tuner.budget_left == 4 * MIB - (4 * target - MIB)
+    assert tuner.credit_batch_of(1) == 256 * KIB
+    tuner.forget(1)
+    assert tuner.budget_left == 4 * MIB
+
+
+def test_a_cut_from_a_grown_window_to_below_the_initial_returns_only_what_it_grew() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 8 * MIB, clock, credit_batch=256 * KIB)
+    assert run_round(tuner, clock, 1, MIB, 0.050) == [(1, MIB)]  # 2 MiB over a 50 ms path
+    changes = run_round(tuner, clock, 1, 2 * MIB, 2.0)  # and then a 2 s queue: about 1 MiB/s
+    assert len(changes) == 1
+    target = tuner.window(1)
+    assert SMALLEST_WINDOW <= target < MIB and changes[0][1] == target - 2 * MIB
+    assert tuner.budget_left == 7 * MIB
+    tuner.withheld(1, 512 * KIB)  # the first of it withheld is what was above the initial
+    assert tuner.budget_left == 7 * MIB + 512 * KIB
+    tuner.withheld(1, 2 * MIB - target - 512 * KIB)
+    assert tuner.budget_left == 8 * MIB
+
+
+def test_a_window_is_never_cut_below_the_smallest() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 0, clock, credit_batch=256 * KIB)
+    baseline = tuner.baseline_probe()
+    clock.now += 0.100
+    assert tuner.on_pong(baseline) == []
+    # With no budget to grow from, an initial window is still probed on a path this long,
+    # since it may be cut.
+    probe = tuner.on_data(1, 64 * KIB, received=BIG)
+    assert probe is not None
+    for _ in range(64):  # 1 MiB in 16 KiB frames in 100 s: 10 KB/s, a share far below 64 KiB
+        assert tuner.on_data(1, 16 * KIB, received=BIG) is None
+    clock.now += 100.0
+    assert tuner.on_pong(probe) == [(1, SMALLEST_WINDOW - MIB)]
+    assert tuner.credit_batch_of(1) == SMALLEST_WINDOW // 4
 
 
 def test_a_window_is_not_cut_while_its_stream_idles_or_while_an_earlier_cut_is_withheld() -> None:
@@ -185,9 +273,10 @@ def test_a_window_is_not_cut_while_its_stream_idles_or_while_an_earlier_cut_is_w
     assert tuner.window(1) == 8 * MIB
     # Under half its window moved in a queued round: the stream is not what fills the queue.
     assert run_round(tuner, clock, 1, 3 * MIB, 0.040) == []
-    # Over half: cut to 1.25 x (6 MiB / 40 ms x 10 ms) plus the credit held between WINDOWs.
+    # Over half: its window (less the credit the receiver holds) was in flight, at 40 ms: cut
+    # to 1.25 x (7.75 MiB / 40 ms x 10 ms) plus the credit held between WINDOWs.
     cut = run_round(tuner, clock, 1, 6 * MIB, 0.040)
-    target = int(6 * MIB / 0.040 * 0.010 * SHRINK_HEADROOM) + 256 * KIB
+    target = int((8 * MIB - 256 * KIB) / 0.040 * 0.010 * SHRINK_HEADROOM) + 256 * KIB
     assert cut == [(1, target - 8 * MIB)] and tuner.window(1) == target
     # The sender has not felt the cut yet (nothing withheld): a slow round cuts no deeper.
     assert run_round(tuner, clock, 1, target, 0.040) == []
@@ -213,7 +302,7 @@ def run_round(
 ) -> list[tuple[int, int]]:
     probe = tuner.on_data(stream_id, 600 * KIB, received=BIG)
     assert probe is not None
-    tuner.on_data(stream_id, moved, received=BIG)
+    arrive(tuner, stream_id, moved)
     clock.now += rtt
     grants = tuner.on_pong(probe)
     clock.now += 10  # past any quiet period
@@ -222,21 +311,21 @@ def run_round(
 
 def test_tuner_caps_growth_at_max_window_and_at_the_budget() -> None:
     clock = FakeClock()
-    tuner = WindowTuner(MIB, 3 * MIB, 3 * MIB, clock)
-    assert run_round(tuner, clock, 1, MIB, 0.010) == [(1, MIB)]
-    assert run_round(tuner, clock, 1, 2 * MIB, 0.010) == [(1, MIB)]  # 3 MiB (max), not 4
+    tuner = WindowTuner(MIB, 3 * MIB, 3 * MIB, clock)  # over a 4 ms path, too short to cut on
+    assert run_round(tuner, clock, 1, MIB, 0.004) == [(1, MIB)]
+    assert run_round(tuner, clock, 1, 2 * MIB, 0.004) == [(1, MIB)]  # 3 MiB (max), not 4
     assert tuner.window(1) == 3 * MIB
     # At max_window a grown window is still watched (it might keep a queue), never grown.
-    assert run_round(tuner, clock, 1, 3 * MIB, 0.010) == []
+    assert run_round(tuner, clock, 1, 3 * MIB, 0.004) == []
     assert tuner.window(1) == 3 * MIB
-    assert run_round(tuner, clock, 2, MIB, 0.010) == [(2, MIB)]  # the budget's last MiB
+    assert run_round(tuner, clock, 2, MIB, 0.004) == [(2, MIB)]  # the budget's last MiB
     assert tuner.budget_left == 0
     # Nothing left to grant, and an initial window cannot shrink: no probe for stream 3.
     assert tuner.on_data(3, 600 * KIB, received=BIG) is None
     tuner.forget(1)
     assert tuner.budget_left == 2 * MIB
     assert tuner.window(1) == MIB
-    assert run_round(tuner, clock, 2, 2 * MIB, 0.010) == [(2, MIB)]  # now it may grow on
+    assert run_round(tuner, clock, 2, 2 * MIB, 0.004) == [(2, MIB)]  # now it may grow on
     assert tuner.window(2) == 3 * MIB
 
 
@@ -261,14 +350,14 @@ def test_tuner_does_not_grow_while_the_path_queues() -> None:
     assert tuner.min_round_trip == pytest.approx(0.010)
     probe = tuner.on_data(1, 600 * KIB, received=BIG)
     assert probe is not None
-    tuner.on_data(1, MIB, received=BIG)  # a whole window, but in 16 ms: 6 ms of it queueing
+    arrive(tuner, 1, MIB)  # a whole window, but in 16 ms: 6 ms of it queueing
     clock.now += 0.016
     assert tuner.on_pong(probe) == []
     assert tuner.window(1) == MIB
     clock.now += 1
     probe = tuner.on_data(1, 600 * KIB, received=BIG)
     assert probe is not None
-    tuner.on_data(1, 2 * MIB, received=BIG)  # twice the rate, within 1.5 x the shortest
+    arrive(tuner, 1, 2 * MIB)  # twice the rate, within 1.5 x the shortest
     clock.now += 0.014
     assert tuner.on_pong(probe) == [(1, MIB)]
 
@@ -288,7 +377,7 @@ def test_forgotten_stream_earns_nothing_from_the_round_in_flight() -> None:
     tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock)
     probe = tuner.on_data(1, 600 * KIB, received=BIG)
     assert probe is not None
-    tuner.on_data(1, MIB, received=BIG)
+    arrive(tuner, 1, MIB)
     tuner.forget(1)
     clock.now += 0.01
     assert tuner.on_pong(probe) == []
@@ -318,6 +407,18 @@ def tuned_pair(
     server.accept_stream(stream_id)
     agent.receive_data(server.data_to_send())
     return agent, server, stream_id
+
+
+def test_the_baseline_round_trip_is_timed_from_when_the_link_takes_it() -> None:
+    clock = FakeClock()
+    agent = Session(Role.AGENT, SessionSettings(max_window=16 * MIB), clock=clock)
+    server = Session(Role.SERVER, SessionSettings())
+    clock.now += 0.400  # the session exists while TCP and TLS connect, two round trips
+    server.receive_data(agent.data_to_send())
+    clock.now += 0.200
+    agent.receive_data(server.data_to_send())
+    assert agent.window_tuner is not None
+    assert agent.window_tuner.min_round_trip == pytest.approx(0.200)
 
 
 def test_session_without_clock_or_headroom_has_no_tuner() -> None:
@@ -592,3 +693,26 @@ def test_the_queue_a_growth_step_leaves_is_taken_away_again(bandwidth: float) ->
     assert download.rate(2.0, 3.0) >= 0.95 * bandwidth
     bdp = bandwidth * 0.020
     assert tuner.window(1) <= 1.1 * SHRINK_HEADROOM * bdp
+
+
+@pytest.mark.parametrize(
+    ("initial", "bandwidth", "delay", "seconds"),
+    [(MIB, 1.05e6, 0.100, 20.0), (MIB, 2e6, 0.050, 10.0), (MIB, 0.2e6, 0.050, 30.0)],
+    ids=["1MiB/s-200ms", "2MB/s-100ms", "200kB/s-100ms"],
+)
+def test_on_a_slow_long_path_the_initial_windows_queue_is_taken_away(
+    initial: int, bandwidth: float, delay: float, seconds: float
+) -> None:
+    settings = SessionSettings(initial_window=initial, max_window=16 * MIB)
+    fixed = simulate(settings, tuned=False, bandwidth=bandwidth, delay=delay, seconds=seconds)
+    download = simulate(settings, bandwidth=bandwidth, delay=delay, seconds=seconds)
+    tuner = download.agent.window_tuner
+    assert tuner is not None and tuner.windows_shrunk >= 1
+    assert tuner.window(1) < initial
+    third = len(download.queue_delays) // 3
+    # A fixed window queues what the path does not hold for the whole download (0.55-0.8 s at
+    # 1 MiB/s, 200 ms); the tuned one only until its first probe round, then under half of it.
+    fixed_standing = min(fixed.queue_delays[third:])
+    assert fixed_standing > 0.25
+    assert max(download.queue_delays[2 * third :]) < fixed_standing / 2
+    assert download.rate(seconds / 2, seconds) >= 0.95 * bandwidth

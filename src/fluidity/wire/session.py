@@ -145,6 +145,7 @@ class _Stream:
 
     __slots__ = (
         "closed",
+        "credit_batch",
         "end_queued",
         "end_sent",
         "id",
@@ -165,6 +166,8 @@ class _Stream:
         self.send_credit = send_credit
         self.recv_remaining = recv_window  # bytes the peer may still send
         self.unacked = 0  # bytes consumed by the application, not yet returned as credit
+        # Credit goes back in batches of a quarter of the window (see Session.consumed()).
+        self.credit_batch = max(1, recv_window // 4)
         self.withheld = 0  # bytes of credit not to return: the window shrank by that much
         self.received = 0  # DATA bytes in all (counted only while windows are tuned)
         self.pending: deque[bytes | memoryview] | None = None
@@ -232,6 +235,9 @@ class Session:
             0,
             frames.hello_payload(frames.PROTOCOL_VERSION, s.initial_window, s.max_frame_size),
         )
+        # The session exists before its link is connected; the probe's clock starts when the
+        # adapter first takes bytes to write (buffers_to_send).
+        self._baseline_unwritten = self.window_tuner is not None
         if self.window_tuner is not None:
             self._queue(FrameType.PING, 0, 0, self.window_tuner.baseline_probe())
 
@@ -366,7 +372,7 @@ class Session:
             unacked -= kept
             if self.window_tuner is not None:
                 self.window_tuner.withheld(stream_id, kept)
-        if unacked >= self._window_threshold:
+        if unacked >= stream.credit_batch:
             stream.recv_remaining += unacked
             stream.unacked = 0
             self._control.append(
@@ -406,6 +412,10 @@ class Session:
         :data:`~fluidity.wire.frame_buffer.LARGE_PAYLOAD` bytes or more comes as it was queued,
         so a bulk stream's bytes are not copied to be joined.
         """
+        if self._baseline_unwritten:
+            self._baseline_unwritten = False
+            if self.window_tuner is not None:
+                self.window_tuner.baseline_written()
         done: list[bytes | memoryview] = []
         out = self._control
         self._control = []
@@ -666,10 +676,13 @@ class Session:
 
     def _resize_windows(self, changes: list[tuple[int, int]]) -> None:
         """Give the peer the extra credit of windows the tuner grew; withhold what it shrank."""
+        tuner = self.window_tuner
+        assert tuner is not None  # only its answers carry changes
         for stream_id, change in changes:
             stream = self._streams.get(stream_id)
             if stream is None or stream.remote_ended:
                 continue  # the tuner has been told (forget); its budget is back
+            stream.credit_batch = tuner.credit_batch_of(stream_id)
             if change < 0:
                 stream.withheld -= change
                 continue
