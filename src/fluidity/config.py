@@ -181,16 +181,19 @@ class ServerConfig(_Model):
     """Flow-control window a stream starts with: the most bytes in flight towards this side per
     stream until it grows (``max_stream_window``). Throughput per stream is at most window /
     round trip; worst-case memory is this times the busy streams, plus
-    ``stream_window_budget``."""
+    ``stream_window_budget``. On a path of 5 ms or more a window that only queues bytes on
+    the path is cut below it (to no less than 64 KiB)."""
     max_stream_window: MaxWindowSize = DEFAULT_MAX_STREAM_WINDOW
     """Largest window an upload stream grows to when the window, not the path, limits it
     (measured with PINGs each round trip; see docs/protocol.md). At or below ``stream_window``,
     windows stay fixed."""
     stream_window_budget: Size = DEFAULT_WINDOW_GROWTH_BUDGET
     """Bytes all streams of one link may grow their windows by together, beyond
-    ``stream_window`` (0 = no growth); returned as streams end."""
+    ``stream_window`` (0 = no growth); returned as streams end or their windows shrink."""
     max_frame_size: FrameSize = DEFAULT_MAX_FRAME_SIZE
-    """Largest DATA frame payload; smaller interleaves streams finely, larger costs less CPU."""
+    """Largest DATA frame payload this side accepts; smaller interleaves streams finely, larger
+    costs less CPU. On a slow path of 5 ms or more this side asks the peer for frames that
+    cross it in 10 ms (a FRAME_SIZE frame; docs/protocol.md), never above this."""
     stream_buffer: Size = 256 * 1024
     """Bytes read from a target and queued for the link before reading pauses."""
     keepalive_interval: Duration = 15.0
@@ -261,9 +264,11 @@ class TunnelConfig(_Model):
     windows stay fixed."""
     stream_window_budget: Size = DEFAULT_WINDOW_GROWTH_BUDGET
     """Bytes all streams of one link may grow their windows by together, beyond
-    ``stream_window`` (0 = no growth); returned as streams end."""
+    ``stream_window`` (0 = no growth); returned as streams end or their windows shrink."""
     max_frame_size: FrameSize = DEFAULT_MAX_FRAME_SIZE
-    """Largest DATA frame payload; smaller interleaves streams finely, larger costs less CPU."""
+    """Largest DATA frame payload this side accepts; smaller interleaves streams finely, larger
+    costs less CPU. On a slow path of 5 ms or more this side asks the peer for frames that
+    cross it in 10 ms (a FRAME_SIZE frame; docs/protocol.md), never above this."""
     stream_buffer: Size = 256 * 1024
     """Bytes queued per stream for the link before the writer waits (backpressure)."""
 

@@ -12,6 +12,7 @@ from fluidity.agent.first_read import client_address
 from fluidity.agent.http_messages import LocalRequest
 from fluidity.agent.status import AgentPages, AgentStatus, PacSettings
 from fluidity.certs import PkiPaths
+from fluidity.config import TunnelConfig
 
 from ..integration.origins import HttpOrigin
 from ..integration.stack import running_server
@@ -49,6 +50,7 @@ async def test_status_reports_link_server_streams_and_bytes_each_way(pki: PkiPat
     assert link["links_up"] == 1 and before["lifecycle"] is None
     assert link["windows_grown"] == 0 and link["window_growth_bytes"] == 0  # no long path here
     assert link["windows_shrunk"] == 0
+    assert link["frame_size_asked"] == TunnelConfig().max_frame_size  # loopback: never less
     assert before["uptime_seconds"] >= 0 and before["streams_open"] == 0
     assert after["bytes"]["received"] >= before["bytes"]["received"] + 100_000
     assert after["bytes"]["sent"] > before["bytes"]["sent"]

@@ -59,7 +59,26 @@ def test_frame_type_numbers_are_fixed() -> None:
         "RESET": 5,
         "PING": 6,
         "GOAWAY": 7,
+        "FRAME_SIZE": 8,
     }
+
+
+@pytest.mark.parametrize("size", [1024, 16 * 1024, frames.MAX_FRAME_PAYLOAD])
+def test_frame_size_round_trips(size: int) -> None:
+    assert frames.parse_frame_size(frames.frame_size_payload(size)) == size
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (b"\x00\x00\x04", "3 bytes, expected 4"),
+        ((1023).to_bytes(4, "big"), "out of range"),
+        ((frames.MAX_FRAME_PAYLOAD + 1).to_bytes(4, "big"), "out of range"),
+    ],
+)
+def test_malformed_frame_size_is_a_protocol_error(payload: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        frames.parse_frame_size(payload)
 
 
 def test_error_code_numbers_are_fixed() -> None:

@@ -256,6 +256,37 @@ def test_unknown_frame_types_are_ignored_after_hello() -> None:
     assert not link.server.failed
 
 
+def _data_frame_sizes(data: bytes) -> list[int]:
+    return [len(p) for t, _f, _s, p in FrameReader().feed(data) if t == FrameType.DATA]
+
+
+def test_frame_size_caps_the_frames_the_peer_sends_within_its_hello() -> None:
+    link = Link()  # both sides allow 256 KiB frames (HELLO)
+    stream_id = link.open()
+    link.server.receive_data(raw(FrameType.FRAME_SIZE, 0, frames.frame_size_payload(16 * KIB)))
+    link.server.send_data(stream_id, bytes(100 * KIB))
+    assert _data_frame_sizes(link.server.data_to_send()) == [16 * KIB] * 6 + [4 * KIB]
+    # Asking for more than HELLO allowed gives HELLO's size back, no more.
+    link.server.receive_data(raw(FrameType.FRAME_SIZE, 0, frames.frame_size_payload(1024 * KIB)))
+    assert link.server.peer_max_frame == SessionSettings().max_frame_size
+    link.server.send_data(stream_id, bytes(300 * KIB))
+    assert max(_data_frame_sizes(link.server.data_to_send())) == 256 * KIB
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        (raw(FrameType.FRAME_SIZE, 1, frames.frame_size_payload(16 * KIB)), "on a stream"),
+        (raw(FrameType.FRAME_SIZE, 0, (512).to_bytes(4, "big")), "out of range"),
+    ],
+)
+def test_malformed_frame_size_fails_the_link(frame: bytes, match: str) -> None:
+    link = Link()
+    with pytest.raises(ProtocolError, match=match):
+        link.server.receive_data(frame)
+    assert link.server.failed
+
+
 # --- opening streams -----------------------------------------------------------------------------
 
 

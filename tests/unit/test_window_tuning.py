@@ -18,8 +18,10 @@ from fluidity.wire.events import DataReceived, LinkReady, PongReceived, StreamEn
 from fluidity.wire.frames import FrameReader, FrameType
 from fluidity.wire.session import Role, Session, SessionSettings
 from fluidity.wire.window_tuning import (
+    FRAME_TIME,
     PROBE_MAGIC,
     SHRINK_HEADROOM,
+    SMALLEST_FRAME_SIZE,
     SMALLEST_WINDOW,
     WindowTuner,
 )
@@ -384,6 +386,40 @@ def test_forgotten_stream_earns_nothing_from_the_round_in_flight() -> None:
     assert tuner.budget_left == 64 * MIB
 
 
+def test_on_a_slow_long_path_the_peer_is_asked_for_smaller_frames_and_later_for_more() -> None:
+    clock = FakeClock()
+    tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock, max_frame_size=256 * KIB)
+    baseline = tuner.baseline_probe()
+    clock.now += 0.050
+    tuner.on_pong(baseline)
+    assert tuner.frame_size == 256 * KIB and tuner.take_frame_size() is None
+    # 1 MiB in 0.25 s, five times the shortest round trip: a queue at 4 MiB/s.
+    run_round(tuner, clock, 1, MIB, 0.250)
+    wanted = int(MIB / 0.250 * FRAME_TIME)  # 42 KB: what the path carries in 10 ms
+    assert tuner.take_frame_size() == wanted == tuner.frame_size
+    assert tuner.take_frame_size() is None  # asked once
+    # A slower round asks for no less than the smallest, and a round within 2x asks nothing.
+    run_round(tuner, clock, 2, MIB, 5.0)
+    assert tuner.take_frame_size() == SMALLEST_FRAME_SIZE
+    run_round(tuner, clock, 2, MIB, 4.0)
+    assert tuner.take_frame_size() is None
+    # The path freed up: a round at the shortest round trip moves 40 MiB/s; full size again.
+    clock.now += 100  # past the quiet round trips that follow a round that changed nothing
+    run_round(tuner, clock, 3, 2 * MIB, 0.050)
+    assert tuner.take_frame_size() == 256 * KIB == tuner.frame_size
+
+
+def test_frames_are_not_resized_on_a_short_path_or_without_a_frame_size() -> None:
+    for rtt, max_frame in ((0.004, 256 * KIB), (0.050, 0)):
+        clock = FakeClock()
+        tuner = WindowTuner(MIB, 16 * MIB, 64 * MIB, clock, max_frame_size=max_frame)
+        baseline = tuner.baseline_probe()
+        clock.now += rtt
+        tuner.on_pong(baseline)
+        run_round(tuner, clock, 1, MIB, 100 * rtt)
+        assert tuner.take_frame_size() is None and tuner.frame_size == max_frame
+
+
 # --- the session with a tuner --------------------------------------------------------------------
 
 
@@ -709,6 +745,8 @@ def test_on_a_slow_long_path_the_initial_windows_queue_is_taken_away(
     tuner = download.agent.window_tuner
     assert tuner is not None and tuner.windows_shrunk >= 1
     assert tuner.window(1) < initial
+    # The sender was asked for frames that cross the path in about 10 ms (16 KiB at the least).
+    assert SMALLEST_FRAME_SIZE <= tuner.frame_size <= max(SMALLEST_FRAME_SIZE, bandwidth * 0.020)
     third = len(download.queue_delays) // 3
     # A fixed window queues what the path does not hold for the whole download (0.55-0.8 s at
     # 1 MiB/s, 200 ms); the tuned one only until its first probe round, then under half of it.

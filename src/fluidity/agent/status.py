@@ -159,6 +159,9 @@ class AgentStatus:
                 "windows_grown": sum(t.windows_grown for t in tuners),
                 "windows_shrunk": sum(t.windows_shrunk for t in tuners),
                 "window_growth_bytes": sum(t.grown_bytes for t in tuners),
+                # The DATA frame size the agent asks the server for: below max_frame_size only
+                # on a slow path, where large frames hold up every other stream.
+                "frame_size_asked": min((t.frame_size for t in tuners), default=None),
                 "last_error": tunnel.last_error or None,
                 "via": self.upstream,
             },
@@ -305,6 +308,7 @@ def render_html(snapshot: dict[str, Any]) -> str:
             f"{link['windows_grown']} / {link['windows_shrunk']} (now "
             f"{link['window_growth_bytes']} bytes beyond stream_window)",
         ),
+        ("Frame size asked of the server", f"{link['frame_size_asked'] or '-'} bytes"),
         ("Last link error", link["last_error"] or "-"),
         ("Lifecycle", snapshot["lifecycle"] or "-"),
         ("Up since", f"{snapshot['started_at']} ({snapshot['uptime_seconds']:.0f} s)"),

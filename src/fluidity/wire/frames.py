@@ -41,6 +41,7 @@ class FrameType(enum.IntEnum):
     RESET = 5
     PING = 6
     GOAWAY = 7
+    FRAME_SIZE = 8
 
 
 # Flags. DATA: END_STREAM half-closes the sender's direction. PING: ACK marks the answer.
@@ -165,6 +166,20 @@ def parse_code(payload: bytes | memoryview) -> tuple[ErrorCode, str]:
         raise ProtocolError("result frame without a code")
     code = ErrorCode.parse(payload[0])
     return code, _decode_text(payload[1:]) if len(payload) > 1 else ""
+
+
+def frame_size_payload(size: int) -> bytes:
+    return _WINDOW.pack(size)
+
+
+def parse_frame_size(payload: bytes | memoryview) -> int:
+    """The largest DATA payload a FRAME_SIZE frame asks for (bytes, 1 KiB to 1 MiB)."""
+    if len(payload) != _WINDOW.size:
+        raise ProtocolError(f"FRAME_SIZE payload is {len(payload)} bytes, expected 4")
+    (size,) = _WINDOW.unpack_from(payload)
+    if not 1024 <= size <= MAX_FRAME_PAYLOAD:
+        raise ProtocolError(f"FRAME_SIZE {size} out of range (1 KiB-1 MiB)")
+    return int(size)
 
 
 def window_payload(increment: int) -> bytes:

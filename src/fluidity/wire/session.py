@@ -206,6 +206,7 @@ class Session:
                 s.window_growth_budget,
                 clock,
                 credit_batch=self._window_threshold,
+                max_frame_size=s.max_frame_size,
             )
         self._reader = frames.FrameReader(self.settings.max_frame_size)
         self._buffered_reader = BufferedFrameReader(self.settings.max_frame_size)
@@ -220,7 +221,8 @@ class Session:
         self._sends_before_open = role is Role.AGENT
         self.peer_ready = False
         self.peer_initial_window = 0
-        self.peer_max_frame = 0
+        self.peer_max_frame = 0  # bytes: DATA frames this side sends are at most this
+        self._hello_max_frame = 0  # what HELLO allowed; FRAME_SIZE may ask for less
         self.goaway_sent = False
         self.goaway_received = False
         self.failed = False
@@ -566,7 +568,8 @@ class Session:
                 )
             self.peer_ready = True
             self.peer_initial_window = window
-            self.peer_max_frame = min(max_frame, self.settings.max_frame_size)
+            self._hello_max_frame = min(max_frame, self.settings.max_frame_size)
+            self.peer_max_frame = self._hello_max_frame
             events.append(LinkReady(version, window, max_frame))
             return
         if not self.peer_ready:
@@ -599,13 +602,23 @@ class Session:
                 raise ProtocolError("malformed PING")
             if flags & frames.FLAG_ACK:
                 answer = bytes(payload)
-                changes = self.window_tuner.on_pong(answer) if self.window_tuner else None
+                tuner = self.window_tuner
+                changes = tuner.on_pong(answer) if tuner is not None else None
                 if changes is None:
                     events.append(PongReceived(answer))
                 else:
                     self._resize_windows(changes)
+                    frame_size = tuner.take_frame_size() if tuner is not None else None
+                    if frame_size is not None:
+                        self._queue(
+                            FrameType.FRAME_SIZE, 0, 0, frames.frame_size_payload(frame_size)
+                        )
             else:
                 self._queue(FrameType.PING, frames.FLAG_ACK, 0, bytes(payload))
+        elif frame_type == FrameType.FRAME_SIZE:
+            if stream_id != 0:
+                raise ProtocolError("FRAME_SIZE on a stream")
+            self.peer_max_frame = min(frames.parse_frame_size(payload), self._hello_max_frame)
         elif frame_type == FrameType.GOAWAY:
             last, code, message = frames.parse_goaway(payload)
             self.goaway_received = True

@@ -49,10 +49,14 @@ rate stays flat.
    the initial window, or the batches alone would starve its sender; its target is therefore
    the share, taken over the unloaded round trip (on such a path a frame in flight is a large
    part of what fills it), divided by 3/4. It grows back, up to ``initial_window`` without
-   touching the budget, when its rate rises (the path freed up) as any window does. Measured
-   over a 1 MiB/s, 200 ms relay (``tests/faults/test_slow_link.py``): a small request beside a
-   download waited 734 ms instead of 985 ms, with 64 KiB frames 375 ms instead of 922 ms, the
-   download at 0.98 MiB/s in both.
+   touching the budget, when its rate rises (the path freed up) as any window does.
+6. On such a link the receiver also asks the sender for smaller DATA frames (a FRAME_SIZE
+   frame; :meth:`WindowTuner.take_frame_size`): a frame takes ``size / rate`` to cross the
+   path, and the probe's answer and every other stream's next frame wait behind it.
+
+Measured over a 1 MiB/s, 200 ms relay (``tests/faults/test_slow_link.py``): a small request beside
+a download waited 985 ms with the initial window, 734 ms once it was cut (5.), 328 ms once the
+frames were 16 KiB too (6.), the download at 0.98 MiB/s throughout.
 
 The shortest round trip comes from a probe sent with the session's HELLO, on an idle link
 (timed from when the link first takes bytes to write, as the session is made before its
@@ -103,6 +107,16 @@ SHORTEST_ROUND_TRIP_TO_CUT = 0.005
 at least this. Below it (loopback, a LAN) the event loops' turns, about a millisecond under
 load, would read as a queue, and a window cut to a sub-millisecond path would starve the
 stream; there the initial window is never what queues for long anyway."""
+FRAME_TIME = 0.010
+"""Seconds a DATA frame should take at most to cross a slow path. Behind a frame of 256 KiB (the
+default ``max_frame_size``) at 1 MiB/s every other stream's next frame, and a probe's answer,
+wait a quarter of a second; so on a link long enough to cut windows on
+(:data:`SHORTEST_ROUND_TRIP_TO_CUT`) the receiver asks the sender, with a FRAME_SIZE frame, for
+frames of what the path carries in this long (never below :data:`SMALLEST_FRAME_SIZE`): 16 KiB
+at 1 MiB/s, 100 KB at 10 MB/s, the default above 25 MB/s, where nothing changes."""
+SMALLEST_FRAME_SIZE = 16 * 1024
+"""Bytes: the smallest frame size the receiver asks for (a TLS record's worth; the CPU per byte
+of smaller frames buys nothing on a path this slow)."""
 SMALLEST_WINDOW = 64 * 1024
 """Bytes no window is cut below (nor ``initial_window``, if that is smaller): four credit
 batches of 16 KiB, each still a frame large enough to probe with (:data:`PROBE_FRAME_BYTES`)."""
@@ -121,6 +135,8 @@ class WindowTuner:
         session's WINDOW batching): a window that shrinks keeps that much on top, since the
         sender cannot use it. A window cut below ``initial_window`` uses
         :meth:`credit_batch_of` instead.
+    max_frame_size: bytes, the largest DATA frame this side accepts (its HELLO's): the frame
+        size it asks the peer for on a slow path is at most this (0 = never ask).
     """
 
     __slots__ = (
@@ -128,6 +144,9 @@ class WindowTuner:
         "_best_rate",
         "_budget_left",
         "_clock",
+        "_cut_rate",
+        "_frame_size",
+        "_frame_size_due",
         "_largest_frame",
         "_min_round_trip",
         "_moved",
@@ -140,6 +159,7 @@ class WindowTuner:
         "credit_batch",
         "growth_budget",
         "initial_window",
+        "max_frame_size",
         "max_window",
         "probes_sent",
         "windows_grown",
@@ -154,6 +174,7 @@ class WindowTuner:
         clock: Callable[[], float],
         *,
         credit_batch: int = 0,
+        max_frame_size: int = 0,
     ) -> None:
         if max_window <= initial_window:
             raise ValueError("max_window must be above initial_window for windows to grow")
@@ -163,12 +184,16 @@ class WindowTuner:
         self.max_window = max_window
         self.growth_budget = growth_budget
         self.credit_batch = credit_batch
+        self.max_frame_size = max_frame_size
+        self._frame_size = max_frame_size  # what the peer was last asked for
+        self._frame_size_due: int | None = None  # a FRAME_SIZE to send
         self._budget_left = growth_budget
         self._clock = clock
         self._windows: dict[int, int] = {}  # only streams that grew
         self._withholding: dict[int, int] = {}  # credit a shrink withholds, not yet withheld
         self._refund: dict[int, int] = {}  # the part of it that returns to the budget
         self._best_rate: dict[int, float] = {}  # bytes/s, streams seen in a probe round
+        self._cut_rate: dict[int, float] = {}  # bytes/s, the rate a stream's last cut used
         self._moved: dict[int, int] = {}  # bytes per stream in the round in flight
         self._largest_frame = 0  # bytes, the largest DATA frame of the round in flight
         self._round = 0
@@ -285,17 +310,45 @@ class WindowTuner:
         total = sum(moved.values())
         frame_time = largest_frame * round_trip / total if total else 0.0
         unloaded = self._min_round_trip + frame_time
-        if round_trip > QUEUE_TOLERANCE * unloaded:
+        queued = round_trip > QUEUE_TOLERANCE * unloaded
+        if queued:
             changes = self._shrink(moved, round_trip, unloaded)
         elif round_trip > QUEUE_TOLERANCE * self._min_round_trip:
             changes = []  # a queue, or only lumpy frames: too unsure to grow or to cut
         else:
             changes = self._grow(moved, round_trip)
+        if total and self.max_frame_size and self.cuts_below_initial:
+            self._size_frames(total / round_trip, queued=queued)
         # After a change, wait out the round trip in which it reaches the sender and its bytes
         # come back, so that the next round measures the new window.
         quiet = SETTLE_ROUND_TRIPS if changes else QUIET_ROUND_TRIPS
         self._quiet_until = now + quiet * round_trip
         return changes
+
+    def _size_frames(self, link_rate: float, *, queued: bool) -> None:
+        """Ask for frames that cross the path in :data:`FRAME_TIME` at ``link_rate`` (bytes/s).
+
+        Smaller only after a round with a queue (the rate is then the path's, not what the
+        application happened to send), larger after any round that moved enough for it (the
+        path freed up); and only by a factor of 2 or more, so that the frame is not sent often.
+        """
+        wanted = max(SMALLEST_FRAME_SIZE, min(self.max_frame_size, int(link_rate * FRAME_TIME)))
+        if (queued and wanted * 2 <= self._frame_size) or wanted >= 2 * self._frame_size:
+            self._frame_size = wanted
+            self._frame_size_due = wanted
+        elif wanted == self.max_frame_size != self._frame_size:
+            self._frame_size = self._frame_size_due = wanted  # back to the full size
+
+    @property
+    def frame_size(self) -> int:
+        """Bytes: the largest DATA frame the peer was last asked for (``max_frame_size`` until
+        a slow path makes it ask for less)."""
+        return self._frame_size
+
+    def take_frame_size(self) -> int | None:
+        """The DATA frame size (bytes) to ask the peer for with a FRAME_SIZE frame now, if any."""
+        due, self._frame_size_due = self._frame_size_due, None
+        return due
 
     def _grow(self, moved: dict[int, int], round_trip: float) -> list[tuple[int, int]]:
         grants: list[tuple[int, int]] = []
@@ -319,6 +372,7 @@ class WindowTuner:
             else:
                 self._windows[stream_id] = grown
             self._budget_left -= max(0, increment - free)
+            self._cut_rate.pop(stream_id, None)
             self.windows_grown += 1
             grants.append((stream_id, increment))
         return grants
@@ -349,9 +403,15 @@ class WindowTuner:
                 # The batch on top also covers the frame in flight (a default batch, a quarter
                 # of 1 MiB, is a default max_frame_size).
                 target = int(share) + self.credit_batch
+            elif floor == initial:
+                target = initial  # a short path: no lower
             else:
                 # Below initial_window the batch is a quarter of the window (credit_batch_of),
-                # and on a path this slow the frame in flight counts: ``unloaded`` has it.
+                # and on a path this slow the frame in flight counts: ``unloaded`` has it. A
+                # window this small drains its queue in bursts after a cut, so a later round
+                # can show a queue at a lower rate than the path's: never cut by a rate below
+                # the last cut's, or each cut would go deeper than the one before.
+                rate = max(rate, self._cut_rate.get(stream_id, 0.0))
                 target = max(floor, int(rate * unloaded * SHRINK_HEADROOM * 4 / 3))
             if target >= window:
                 continue
@@ -365,7 +425,7 @@ class WindowTuner:
             refund = max(0, window - initial) - max(0, target - initial)
             if refund:
                 self._refund[stream_id] = refund
-            self._best_rate[stream_id] = rate
+            self._best_rate[stream_id] = self._cut_rate[stream_id] = rate
             self.windows_shrunk += 1
             cuts.append((stream_id, target - window))
         return cuts
@@ -396,4 +456,5 @@ class WindowTuner:
         self._budget_left += self._refund.pop(stream_id, 0)
         self._withholding.pop(stream_id, None)
         self._best_rate.pop(stream_id, None)
+        self._cut_rate.pop(stream_id, None)
         self._moved.pop(stream_id, None)
