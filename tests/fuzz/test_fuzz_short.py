@@ -22,13 +22,14 @@ HERE = Path(__file__).parent
 RUNS = 40_000
 
 SEEDS = [
-    # A HELLO, an OPEN, data with end-of-stream, a WINDOW, a PING, a GOAWAY: a head start
-    # towards the deep states (the fuzzer mutates from here).
+    # A HELLO, an OPEN, data with end-of-stream, a WINDOW, a PING, a FRAME_SIZE, a GOAWAY: a
+    # head start towards the deep states (the fuzzer mutates from here).
     frames.encode(0, 0, 0, frames.hello_payload(1, 1024, 1024))
     + frames.encode(1, 0, 1, frames.open_payload("example.com", 443))
     + frames.encode(3, 1, 1, b"hello")
     + frames.encode(4, 0, 1, frames.window_payload(100))
     + frames.encode(6, 0, 0, b"12345678")
+    + frames.encode(8, 0, 0, frames.frame_size_payload(16 * 1024))
     + frames.encode(7, 0, 0, frames.goaway_payload(1, frames.ErrorCode.GOING_AWAY, "bye")),
     b"\x01" * 64,
     b"\x00" * 64,

@@ -608,6 +608,7 @@ class Path:
 @dataclass
 class Download:
     agent: Session
+    server: Session
     received: list[tuple[float, int]]  # (time, bytes) per DATA frame
     queue_delays: list[float]  # seconds queued in front of the bandwidth, once per tick
 
@@ -658,7 +659,7 @@ def simulate(
         if agent.has_data_to_send():
             path.send_to_server(agent.data_to_send())
         queue_delays.append(path.queue_delay())
-    return Download(agent, received, queue_delays)
+    return Download(agent, server, received, queue_delays)
 
 
 def test_window_grows_on_a_long_path_to_near_its_bandwidth_and_stops() -> None:
@@ -747,6 +748,7 @@ def test_on_a_slow_long_path_the_initial_windows_queue_is_taken_away(
     assert tuner.window(1) < initial
     # The sender was asked for frames that cross the path in about 10 ms (16 KiB at the least).
     assert SMALLEST_FRAME_SIZE <= tuner.frame_size <= max(SMALLEST_FRAME_SIZE, bandwidth * 0.020)
+    assert download.server.peer_max_frame == min(64 * KIB, tuner.frame_size)  # and it sends them
     third = len(download.queue_delays) // 3
     # A fixed window queues what the path does not hold for the whole download (0.55-0.8 s at
     # 1 MiB/s, 200 ms); the tuned one only until its first probe round, then under half of it.

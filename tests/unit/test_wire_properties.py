@@ -189,6 +189,7 @@ def test_payload_parsers_on_arbitrary_bytes_raise_only_protocol_error(payload: b
         frames.parse_code,
         frames.parse_window,
         frames.parse_goaway,
+        frames.parse_frame_size,
     ):
         for form in (payload, memoryview(payload)):
             with contextlib.suppress(ProtocolError):
