@@ -87,7 +87,7 @@ class ProtocolError(Exception):
 _HELLO = struct.Struct("!HII")  # version, initial stream window, max frame payload
 _OPEN_PORT = struct.Struct("!H")
 _CODE = struct.Struct("!B")
-_WINDOW = struct.Struct("!I")
+_U32 = struct.Struct("!I")  # WINDOW and FRAME_SIZE payloads
 _GOAWAY = struct.Struct("!IB")
 PING_PAYLOAD_SIZE = 8
 
@@ -169,30 +169,33 @@ def parse_code(payload: bytes | memoryview) -> tuple[ErrorCode, str]:
 
 
 def frame_size_payload(size: int) -> bytes:
-    return _WINDOW.pack(size)
+    return _U32.pack(size)
 
 
 def parse_frame_size(payload: bytes | memoryview) -> int:
     """The largest DATA payload a FRAME_SIZE frame asks for (bytes, 1 KiB to 1 MiB)."""
-    if len(payload) != _WINDOW.size:
-        raise ProtocolError(f"FRAME_SIZE payload is {len(payload)} bytes, expected 4")
-    (size,) = _WINDOW.unpack_from(payload)
+    size = _parse_u32(payload, "FRAME_SIZE")
     if not 1024 <= size <= MAX_FRAME_PAYLOAD:
         raise ProtocolError(f"FRAME_SIZE {size} out of range (1 KiB-1 MiB)")
-    return int(size)
+    return size
 
 
 def window_payload(increment: int) -> bytes:
-    return _WINDOW.pack(increment)
+    return _U32.pack(increment)
 
 
 def parse_window(payload: bytes | memoryview) -> int:
-    if len(payload) != _WINDOW.size:
-        raise ProtocolError(f"WINDOW payload is {len(payload)} bytes, expected 4")
-    (increment,) = _WINDOW.unpack_from(payload)
+    increment = _parse_u32(payload, "WINDOW")
     if not 0 < increment <= MAX_WINDOW:
         raise ProtocolError(f"WINDOW increment {increment} out of range", ErrorCode.FLOW_CONTROL)
-    return int(increment)
+    return increment
+
+
+def _parse_u32(payload: bytes | memoryview, frame: str) -> int:
+    if len(payload) != _U32.size:
+        raise ProtocolError(f"{frame} payload is {len(payload)} bytes, expected 4")
+    (value,) = _U32.unpack_from(payload)
+    return int(value)
 
 
 def goaway_payload(last_stream_id: int, code: ErrorCode, message: str = "") -> bytes:
