@@ -212,10 +212,10 @@ def test_on_a_long_path_an_initial_window_that_keeps_a_queue_is_cut_to_its_share
     arrive(tuner, 1, MIB)  # 1 MiB/s: the initial window queues 800 ms in front of the path
     clock.now += 1.0
     changes = tuner.on_pong(probe)
-    # 1 MiB/s x (200 ms + one 64 KiB frame's 62.5 ms) x the headroom, plus a quarter on top for
-    # the credit held between WINDOW frames, which is now a quarter of the smaller window.
+    # 1 MiB/s x (200 ms + one 64 KiB frame's 62.5 ms) x the headroom, and half as much again for
+    # the credit held back between WINDOW frames (a quarter of the smaller window, and a frame).
     unloaded = 0.200 + FRAME / MIB
-    target = int(MIB * unloaded * SHRINK_HEADROOM * 4 / 3)
+    target = int(MIB * unloaded * SHRINK_HEADROOM * 3 / 2)
     assert changes == [(1, target - MIB)]
     assert tuner.window(1) == target < MIB
     assert tuner.credit_batch_of(1) == target // 4

@@ -48,14 +48,15 @@ rate stays flat.
    other stream). Such a window returns its credit in batches of a quarter of itself, not of
    the initial window, or the batches alone would starve its sender; its target is therefore
    the share, taken over the unloaded round trip (on such a path a frame in flight is a large
-   part of what fills it), divided by 3/4. It grows back, up to ``initial_window`` without
-   touching the budget, when its rate rises (the path freed up) as any window does.
+   part of what fills it), times 3/2 (what the receiver holds back is a third of it on
+   average). It grows back, up to ``initial_window`` without touching the budget, when its
+   rate rises (the path freed up) as any window does.
 6. On such a link the receiver also asks the sender for smaller DATA frames (a FRAME_SIZE
    frame; :meth:`WindowTuner.take_frame_size`): a frame takes ``size / rate`` to cross the
    path, and the probe's answer and every other stream's next frame wait behind it.
 
 Measured over a 1 MiB/s, 200 ms relay (``tests/faults/test_slow_link.py``): a small request beside
-a download waited 985 ms with the initial window, 734 ms once it was cut (5.), 328 ms once the
+a download waited 985 ms with the initial window, 734 ms once it was cut (5.), 359 ms once the
 frames were 16 KiB too (6.), the download at 0.98 MiB/s throughout.
 
 The shortest round trip comes from a probe sent with the session's HELLO, on an idle link
@@ -407,12 +408,15 @@ class WindowTuner:
                 target = initial  # a short path: no lower
             else:
                 # Below initial_window the batch is a quarter of the window (credit_batch_of),
-                # and on a path this slow the frame in flight counts: ``unloaded`` has it. A
+                # and on a path this slow the frame in flight counts: ``unloaded`` has it. The
+                # receiver holds up to a batch and a frame before it returns credit, a third of
+                # such a window on average: hence 3/2 (simulated, 1 MB/s x 40 ms: 4/3 filled the
+                # path to 90 %, 3/2 to 98 %; 1 MiB/s x 200 ms: 45 ms more queue). A
                 # window this small drains its queue in bursts after a cut, so a later round
                 # can show a queue at a lower rate than the path's: never cut by a rate below
                 # the last cut's, or each cut would go deeper than the one before.
                 rate = max(rate, self._cut_rate.get(stream_id, 0.0))
-                target = max(floor, int(rate * unloaded * SHRINK_HEADROOM * 4 / 3))
+                target = max(floor, int(rate * unloaded * SHRINK_HEADROOM * 3 / 2))
             if target >= window:
                 continue
             if target == initial:
