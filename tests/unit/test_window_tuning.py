@@ -734,8 +734,13 @@ def test_the_queue_a_growth_step_leaves_is_taken_away_again(bandwidth: float) ->
 
 @pytest.mark.parametrize(
     ("initial", "bandwidth", "delay", "seconds"),
-    [(MIB, 1.05e6, 0.100, 20.0), (MIB, 2e6, 0.050, 10.0), (MIB, 0.2e6, 0.050, 30.0)],
-    ids=["1MiB/s-200ms", "2MB/s-100ms", "200kB/s-100ms"],
+    [
+        (MIB, 1.05e6, 0.100, 20.0),
+        (MIB, 1.05e6, 0.020, 20.0),  # where a target of 4/3 (not 3/2) x the share filled 90 %
+        (MIB, 2e6, 0.050, 10.0),
+        (MIB, 0.2e6, 0.050, 30.0),
+    ],
+    ids=["1MiB/s-200ms", "1MiB/s-40ms", "2MB/s-100ms", "200kB/s-100ms"],
 )
 def test_on_a_slow_long_path_the_initial_windows_queue_is_taken_away(
     initial: int, bandwidth: float, delay: float, seconds: float
