@@ -193,6 +193,9 @@ def test_server_cannot_open_streams() -> None:
         pytest.param(raw(FrameType.PING, 0, b"12345678"), id="PING"),
         pytest.param(raw(FrameType.WINDOW, 1, frames.window_payload(1)), id="WINDOW"),
         pytest.param(raw(FrameType.GOAWAY, 0, frames.goaway_payload(0, ErrorCode.OK)), id="GOAWAY"),
+        pytest.param(
+            raw(FrameType.FRAME_SIZE, 0, frames.frame_size_payload(16 * KIB)), id="FRAME_SIZE"
+        ),
         pytest.param(raw(42, 0, b"?"), id="unknown"),
     ],
 )

@@ -334,11 +334,11 @@ class WindowTuner:
         path freed up); and only by a factor of 2 or more, so that the frame is not sent often.
         """
         wanted = max(SMALLEST_FRAME_SIZE, min(self.max_frame_size, int(link_rate * FRAME_TIME)))
-        if (queued and wanted * 2 <= self._frame_size) or wanted >= 2 * self._frame_size:
-            self._frame_size = wanted
-            self._frame_size_due = wanted
-        elif wanted == self.max_frame_size != self._frame_size:
-            self._frame_size = self._frame_size_due = wanted  # back to the full size
+        smaller = queued and wanted * 2 <= self._frame_size
+        # Back to the full size even when that is less than a doubling.
+        larger = wanted >= 2 * self._frame_size or wanted == self.max_frame_size > self._frame_size
+        if smaller or larger:
+            self._frame_size = self._frame_size_due = wanted
 
     @property
     def frame_size(self) -> int:
